@@ -1,0 +1,199 @@
+"""Loading real Qwen2.5-VL checkpoints, and writing offline ones of the same architecture.
+
+`load_model` / `load_processor` take a hub name (`Qwen/Qwen2.5-VL-7B-Instruct`) or a local folder,
+exactly as users will. `init_model` writes a randomly initialised checkpoint of the real
+architecture (the `tiny` and `small` presets) with an offline tokenizer and image processor, so
+every test and the built-in demo run the same code without downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from .modeling_iadgpt import IADGPTForConditionalGeneration
+from .settings import IADGPTSettings
+from .tokenizer import QWEN2_5_VL_CHAT_TEMPLATE, build_offline_qwen_tokenizer
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Sizes of an offline Qwen2.5-VL checkpoint. The 7B model is, for comparison: text 3584 wide,
+    28 layers, 28 heads, 4 KV heads; vision 1280 wide, 32 blocks, 16 heads, 112-px windows."""
+
+    text_hidden: int
+    """Width of the language model."""
+    text_layers: int
+    """Decoder layers of the language model."""
+    text_heads: int
+    """Attention heads (head_dim = text_hidden / text_heads)."""
+    text_kv_heads: int
+    """Key/value heads (grouped-query attention, as in Qwen2.5)."""
+    text_intermediate: int
+    """MLP width of the language model."""
+    mrope_section: tuple[int, int, int]
+    """M-RoPE split of head_dim/2 into temporal, height and width frequencies."""
+    vision_hidden: int
+    """Width of the vision transformer."""
+    vision_depth: int
+    """Vision blocks."""
+    vision_heads: int
+    """Vision attention heads."""
+    vision_intermediate: int
+    """MLP width of the vision blocks."""
+    fullatt_blocks: tuple[int, ...]
+    """0-based vision blocks with full (not windowed) attention, as in Qwen2.5-VL."""
+    patch_size: int = 14
+    """Pixels per patch side (Qwen2.5-VL: 14). One visual token covers 2 x 2 patches."""
+    window_size: int = 112
+    """Side of the vision windows in pixels (Qwen2.5-VL: 112)."""
+    vocab_size: int = 1024
+    """BPE merges of the offline tokenizer (special tokens are added after)."""
+    min_pixels: int = 56 * 56
+    """Smallest image area the image processor resizes to."""
+    max_pixels: int = 224 * 224
+    """Largest image area the image processor resizes to (caps visual tokens per image)."""
+    iadgpt: dict = field(default_factory=dict)
+    """IADGPT settings for this preset (defaults: see IADGPTSettings)."""
+
+
+PRESETS: dict[str, ModelPreset] = {
+    # Unit tests: ~0.25 M parameters, every mechanism present (fusion over 4 blocks, 2 LLM layers).
+    "tiny": ModelPreset(
+        text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=128,
+        mrope_section=(2, 3, 3), vision_hidden=32, vision_depth=4, vision_heads=2, vision_intermediate=64,
+        fullatt_blocks=(1, 3), patch_size=14, window_size=56,
+    ),
+    # The built-in demo's learner: a few million parameters, tens of steps per second on 2 CPU cores.
+    "small": ModelPreset(
+        text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=512,
+        mrope_section=(8, 12, 12), vision_hidden=96, vision_depth=4, vision_heads=4, vision_intermediate=192,
+        fullatt_blocks=(1, 3), patch_size=14, window_size=56,
+    ),
+}
+
+
+def preset_config(preset: ModelPreset, tokenizer) -> Qwen2_5_VLConfig:
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=preset.text_hidden, num_hidden_layers=preset.text_layers,
+        num_attention_heads=preset.text_heads, num_key_value_heads=preset.text_kv_heads,
+        intermediate_size=preset.text_intermediate, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(preset.mrope_section)},
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+    )
+    vision = dict(
+        hidden_size=preset.vision_hidden, depth=preset.vision_depth, num_heads=preset.vision_heads,
+        intermediate_size=preset.vision_intermediate, out_hidden_size=preset.text_hidden,
+        patch_size=preset.patch_size, window_size=preset.window_size, spatial_merge_size=2,
+        temporal_patch_size=2, fullatt_block_indexes=list(preset.fullatt_blocks),
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision,
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+    config.iadgpt = IADGPTSettings.from_dict(preset.iadgpt).to_dict()
+    return config
+
+
+def init_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a randomly initialised IADGPT checkpoint of the real Qwen2.5-VL architecture."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; allowed: {sorted(PRESETS)}.")
+    spec = PRESETS[preset]
+    out = Path(out)
+    tokenizer = build_offline_qwen_tokenizer(spec.vocab_size)
+    torch.manual_seed(seed)
+    model = IADGPTForConditionalGeneration(preset_config(spec, tokenizer))
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                            tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
+        min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
+    )
+    processor = ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                             chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    (out / "iadgpt_preset.json").write_text(json.dumps({"preset": preset, "seed": seed, **asdict(spec)}, indent=2))
+    return out
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without the video processor, for machines without torchvision.
+
+    `Qwen2_5_VLProcessor` insists on a video processor, which needs torchvision; images, the chat
+    template and `mm_token_type_ids` work the same without it.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def get_attributes(cls):
+        return ["image_processor", "tokenizer"]
+
+
+def _is_local(name_or_path: str | os.PathLike) -> bool:
+    return Path(name_or_path).exists() or str(name_or_path).startswith((".", "/", "~"))
+
+
+def check_checkpoint(name_or_path: str | os.PathLike) -> None:
+    """Fail early, with what is wrong, on a local folder that is not a Qwen2.5-VL checkpoint."""
+    if not _is_local(name_or_path):
+        return  # a hub name: from_pretrained resolves and checks it
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model folder {path} does not exist.")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not a Hugging Face checkpoint: it has no config.json.")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"{path} holds a {model_type!r} model; iadgpt needs a Qwen2.5-VL checkpoint "
+                         "(model_type 'qwen2_5_vl'), e.g. Qwen/Qwen2.5-VL-7B-Instruct or `iadgpt init-model`.")
+
+
+def load_processor(name_or_path: str | os.PathLike, **kwargs):
+    """The checkpoint's processor; without torchvision, the same processor minus its video part."""
+    check_checkpoint(name_or_path)
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # missing, or a build that does not match torch
+        return ImageOnlyQwen2_5_VLProcessor.from_pretrained(name_or_path, **kwargs)
+    return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto", attn_implementation: str = "sdpa",
+               iadgpt: dict | None = None, processor=None, **kwargs) -> IADGPTForConditionalGeneration:
+    """Load any Qwen2.5-VL checkpoint as IADGPT, with its words configured from its tokenizer.
+
+    `iadgpt` overrides settings (e.g. `{"exemplar_retention": 0.4}`); a plain Qwen2.5-VL
+    checkpoint gets the defaults, and the fusion weights start as set by `fusion_init_last_weight`.
+    """
+    check_checkpoint(name_or_path)
+    config = Qwen2_5_VLConfig.from_pretrained(name_or_path)
+    if iadgpt:
+        merged = dict(getattr(config, "iadgpt", None) or {})
+        merged.update(iadgpt)
+        config.iadgpt = IADGPTSettings.from_dict(merged).to_dict()
+    model = IADGPTForConditionalGeneration.from_pretrained(
+        name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    processor = processor or load_processor(name_or_path)
+    model.configure_words(processor.tokenizer)
+    return model

@@ -1,0 +1,414 @@
+"""IADGPT: Qwen2.5-VL with layer fusion, exemplar compression, Yes/No image scores and attention maps.
+
+`IADGPTForConditionalGeneration` is a `Qwen2_5_VLForConditionalGeneration`: it loads any Qwen2.5-VL
+checkpoint (hub name or local folder) and saves to one Hugging Face folder whose `config.json`
+carries the IADGPT settings under `iadgpt`. Without compression and pixel maps its forward *is*
+Qwen2.5-VL's forward. With them, the prefill runs the same steps (embed, encode images, scatter,
+3-D M-RoPE positions on the full sequence) and then runs the language model on the kept tokens
+only, which equals the full sequence with the dropped exemplar tokens masked out as keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .attention_maps import AttentionMapRecorder, AttentionMapRequest, padded_positions
+from .compression import compress_exemplar_tokens
+from .fusion import VisualLayerFusion
+from .losses import dice_loss, focal_loss
+from .settings import IADGPTSettings
+
+# Roles of the images of one sample (argument `image_roles`, one entry per image in the batch).
+ROLE_EXEMPLAR = 0  # a normal reference: compressible, the first one of a sample is the reference
+ROLE_QUERY = 1  # the image being inspected: never compressed, the pixel map is drawn on it
+ROLE_OTHER = 2  # any other image (abnormal reference, stage-2 group member): left as it is
+
+
+@dataclass
+class IADGPTOutput(CausalLMOutputWithPast):
+    """Qwen2.5-VL's output plus the IADGPT parts.
+
+    lm_loss / focal_loss / dice_loss: the loss parts (`loss` = lm + weight * (focal + dice)).
+    anomaly_maps / normal_maps: per sample, the `[h, w]` mean attention of the anomaly / normal
+        words to the query image's tokens (h, w: the query's merged token grid).
+    pixel_scores: per sample, `[h, w]` probability that a token is anomalous, from the two maps.
+    kept_tokens: `[B, L]` bool, which input tokens the language model saw (None: all).
+    """
+
+    lm_loss: torch.Tensor | None = None
+    focal_loss: torch.Tensor | None = None
+    dice_loss: torch.Tensor | None = None
+    anomaly_maps: list[torch.Tensor] | None = None
+    normal_maps: list[torch.Tensor] | None = None
+    pixel_scores: list[torch.Tensor] | None = None
+    kept_tokens: torch.Tensor | None = None
+
+
+@dataclass
+class _CompactedPrefix:
+    """After a compressed prefill: how to turn generate()'s full-length mask into the cache's."""
+
+    full_length: int
+    compact_mask: torch.Tensor
+
+    def decode_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.compact_mask.to(attention_mask), attention_mask[:, self.full_length:]], dim=1)
+
+
+def word_variants(word: str) -> list[str]:
+    """Spellings a word takes in a prompt: as written or capitalised, with or without a leading space."""
+    forms = {word, word.capitalize(), word.lower()}
+    return sorted({prefix + form for form in forms for prefix in ("", " ")})
+
+
+def find_word_tokens(input_ids: torch.Tensor, sequences: list[tuple[int, ...]]) -> torch.Tensor:
+    """[B, L] bool: the last token of every occurrence of any of the token sequences."""
+    found = torch.zeros_like(input_ids, dtype=torch.bool)
+    length = input_ids.shape[1]
+    for seq in sequences:
+        m = len(seq)
+        if m == 0 or m > length:
+            continue
+        windows = input_ids.unfold(1, m, 1)  # [B, L - m + 1, m]
+        hit = (windows == torch.tensor(seq, device=input_ids.device)).all(-1)
+        found[:, m - 1:] |= hit
+    return found
+
+
+def image_spans(input_ids: torch.Tensor, image_token_id: int) -> list[list[tuple[int, int]]]:
+    """Per sample, the [start, end) spans of contiguous image-pad tokens, in order."""
+    spans = []
+    is_image = input_ids == image_token_id
+    for row in is_image:
+        edges = torch.diff(row.to(torch.int8), prepend=row.new_zeros(1, dtype=torch.int8),
+                           append=row.new_zeros(1, dtype=torch.int8))
+        starts = torch.nonzero(edges == 1).flatten().tolist()
+        ends = torch.nonzero(edges == -1).flatten().tolist()
+        spans.append(list(zip(starts, ends)))
+    return spans
+
+
+def default_image_roles(images_per_sample: list[int]) -> list[int]:
+    """The last image of a sample is the query; the images before it are its normal exemplars."""
+    roles = []
+    for n in images_per_sample:
+        roles.extend([ROLE_EXEMPLAR] * (n - 1) + [ROLE_QUERY] * (n > 0))
+    return roles
+
+
+def compact_sequences(keep: torch.Tensor, left_padded: bool, tensors: dict[str, torch.Tensor | None],
+                      seq_dim: dict[str, int]) -> dict[str, torch.Tensor | None]:
+    """Remove the dropped tokens of every row and re-pad rows to the longest kept row.
+
+    The padding keeps the input's side (left for generation, right for training); the filler
+    slots are dropped tokens, which the caller masks out of attention and labels.
+    """
+    width = int(keep.sum(-1).max().item())
+    # Stable sort moves kept tokens to the end (left padding) or the front (right padding), in order.
+    key = keep.to(torch.int8) if left_padded else (~keep).to(torch.int8)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    order = order[:, -width:] if left_padded else order[:, :width]
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor is None:
+            out[name] = None
+            continue
+        dim = seq_dim.get(name, 1)
+        index = order
+        if dim == 2:  # position ids [P, B, L]
+            index = order[None].expand(tensor.shape[0], -1, -1)
+        elif tensor.dim() == 3:  # embeddings [B, L, D]
+            index = order[:, :, None].expand(-1, -1, tensor.shape[2])
+        out[name] = torch.gather(tensor, dim, index)
+    out["_order"] = order
+    return out
+
+
+class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL turned few-shot industrial inspector (see module docstring)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        settings = IADGPTSettings.from_dict(getattr(config, "iadgpt", None)).resolved(
+            config.vision_config.depth, config.text_config.num_hidden_layers
+        )
+        # Saved checkpoints state their layers explicitly, whatever the defaults become.
+        config.iadgpt = settings.to_dict()
+        self.iadgpt = settings
+        if settings.vision_fusion_layers:
+            fusion = VisualLayerFusion(settings.vision_fusion_layers, settings.fusion_init_last_weight)
+            self.model.visual.layer_fusion = fusion
+            fusion.attach(self.model.visual)
+        self.attention_map_recorder = AttentionMapRecorder(
+            self.model.language_model.layers, settings.attention_map_layers
+        )
+        self.word_token_ids: dict[str, list[tuple[int, ...]]] | None = None
+        self.yes_no_token_ids: tuple[int, int] | None = None
+        self._compacted_prefix: _CompactedPrefix | None = None
+
+    def _init_weights(self, module):
+        if isinstance(module, VisualLayerFusion):
+            init.copy_(module.logits, module.initial_logits())
+            return
+        super()._init_weights(module)
+
+    # -- words ----------------------------------------------------------------------------------
+    def configure_words(self, tokenizer) -> None:
+        """Learn this tokenizer's ids for the anomaly / normal words and for "Yes" / "No"."""
+        def sequences(words):
+            seqs = {tuple(tokenizer.encode(v, add_special_tokens=False)) for w in words for v in word_variants(w)}
+            return sorted(s for s in seqs if s)
+
+        self.word_token_ids = {"anomaly": sequences(self.iadgpt.anomaly_words),
+                               "normal": sequences(self.iadgpt.normal_words)}
+        ids = []
+        for answer in ("Yes", "No"):
+            encoded = tokenizer.encode(answer, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(f"The tokenizer splits {answer!r} into {len(encoded)} tokens; the image score "
+                                 "needs it to be a single token.")
+            ids.append(encoded[0])
+        self.yes_no_token_ids = (ids[0], ids[1])
+
+    def image_anomaly_score(self, answer_logits: torch.Tensor) -> torch.Tensor:
+        """Probability of the answer that means "defective", from the Yes/No logits (Eq. 4).
+
+        `answer_logits`: `[B, V]` logits at the answer position.
+        """
+        if self.yes_no_token_ids is None:
+            raise RuntimeError("Call model.configure_words(tokenizer) (or load with iadgpt.load_model) first.")
+        yes, no = self.yes_no_token_ids
+        probs = answer_logits[:, [yes, no]].float().softmax(-1)
+        return probs[:, 0] if self.iadgpt.detection_question.defect_answer == "Yes" else probs[:, 1]
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
+                image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None,
+                logits_to_keep=0, mm_encoder_outputs=None, image_roles=None, compress_exemplars=None,
+                pixel_maps=None, pixel_masks=None, anomaly_word_mask=None, normal_word_mask=None, **kwargs):
+        """Qwen2.5-VL's forward, plus:
+
+        image_roles: `[num_images]` ROLE_EXEMPLAR / ROLE_QUERY / ROLE_OTHER per image in batch order
+            (default: per sample, the last image is the query and the earlier ones are exemplars).
+        compress_exemplars: None follows the settings (samples without exemplars are left alone);
+            True requires every sample with images to have exemplars; False turns it off.
+        pixel_maps: compute the attention maps (default: when `pixel_masks` is given).
+        pixel_masks: per sample an `[H, W]` 0/1 defect mask or None (no pixel loss for that
+            sample); a `[B, H, W]` tensor means every sample has one.
+        anomaly_word_mask / normal_word_mask: `[B, L]` bool word positions (default: found in
+            `input_ids` from the configured words).
+        """
+        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if cached:
+            if self._compacted_prefix is not None and attention_mask is not None:
+                attention_mask = self._compacted_prefix.decode_mask(attention_mask)
+        else:
+            self._compacted_prefix = None
+        compress = self.iadgpt.compress_exemplars if compress_exemplars is None else compress_exemplars
+        compress = compress and self.iadgpt.exemplar_retention < 1.0
+        want_maps = pixel_masks is not None if pixel_maps is None else pixel_maps
+        if cached or pixel_values is None or input_ids is None or not (compress or want_maps):
+            if want_maps and not cached:
+                raise ValueError("Pixel maps need `input_ids` and `pixel_values` (a query image).")
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
+                second_per_grid_ts=second_per_grid_ts, logits_to_keep=logits_to_keep,
+                mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+        if pixel_values_videos is not None or mm_encoder_outputs is not None:
+            raise ValueError("Exemplar compression and pixel maps work on images; videos and precomputed "
+                             "encoder outputs are not supported together with them.")
+        return self._inspect_forward(
+            input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, pixel_values,
+            image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress, compress_exemplars is True,
+            want_maps, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs)
+
+    def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
+                         pixel_values, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress,
+                         strict_compression, want_maps, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs):
+        cfg = self.config
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        # 1. Embed, encode the images and scatter them, exactly as Qwen2.5-VL does.
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)
+        image_embeds = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+        flat_embeds = torch.cat(image_embeds, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                                        image_features=flat_embeds)
+        inputs_embeds = inputs_embeds.masked_scatter(image_mask, flat_embeds)
+
+        # 2. 3-D M-RoPE positions on the full sequence: pruning must not renumber them.
+        if position_ids is None:
+            if mm_token_type_ids is None:
+                mm_token_type_ids = (input_ids == cfg.image_token_id).to(torch.int32)
+            position_ids, rope_deltas = self.model.get_rope_index(
+                input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+            self.model.rope_deltas = rope_deltas
+
+        # 3. Which image of which sample plays which role.
+        spans = image_spans(input_ids, cfg.image_token_id)
+        counts = [len(s) for s in spans]
+        if sum(counts) != len(image_embeds):
+            raise ValueError(f"The prompts hold {sum(counts)} images but {len(image_embeds)} were encoded.")
+        roles = default_image_roles(counts) if image_roles is None else [int(r) for r in image_roles]
+        if len(roles) != len(image_embeds):
+            raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
+
+        keep = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
+        query_mask = torch.zeros_like(keep)
+        query_grid: list[tuple[int, int] | None] = []
+        query_end = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        merge = cfg.vision_config.spatial_merge_size
+        image_index = 0
+        for b, sample_spans in enumerate(spans):
+            sample_roles = roles[image_index:image_index + len(sample_spans)]
+            globals_ = list(range(image_index, image_index + len(sample_spans)))
+            image_index += len(sample_spans)
+            exemplars = [(g, s) for g, s, r in zip(globals_, sample_spans, sample_roles) if r == ROLE_EXEMPLAR]
+            queries = [(g, s) for g, s, r in zip(globals_, sample_spans, sample_roles) if r == ROLE_QUERY]
+            if compress and exemplars:
+                kept = compress_exemplar_tokens([image_embeds[g] for g, _ in exemplars], self.iadgpt.exemplar_retention)
+                for (_, (start, end)), mask in zip(exemplars, kept):
+                    keep[b, start:end] = mask
+            elif compress and strict_compression and sample_spans:
+                raise ValueError(
+                    f"Sample {b} has no normal exemplar image before its query image, but exemplar "
+                    "compression was requested (compress_exemplars=True). Add exemplars or pass False.")
+            if want_maps:
+                if len(queries) != 1:
+                    raise ValueError(f"Sample {b} has {len(queries)} query images; pixel maps need exactly one.")
+                g, (start, end) = queries[0]
+                query_mask[b, start:end] = True
+                query_end[b] = end
+                _, h, w = image_grid_thw[g].tolist()
+                query_grid.append((h // merge, w // merge))
+
+        # 4. Word rows for the pixel maps: prompt words after the query image (they can attend to it).
+        if want_maps:
+            anomaly_rows, normal_rows = self._word_rows(input_ids, labels, query_end, anomaly_word_mask,
+                                                        normal_word_mask)
+
+        # 5. Run the language model on the kept tokens only.
+        left_padded = bool(attention_mask[:, -1].all())
+        kept_tokens = None
+        embeds, positions, attn, lab = inputs_embeds, position_ids, attention_mask * keep, labels
+        if not keep.all():
+            kept_tokens = keep
+            seq = compact_sequences(
+                keep, left_padded,
+                {"embeds": inputs_embeds, "positions": position_ids, "attn": attention_mask * keep,
+                 "labels": labels, "query": query_mask,
+                 "anomaly": anomaly_rows if want_maps else None, "normal": normal_rows if want_maps else None},
+                {"positions": 2})
+            embeds, positions, attn, lab = seq["embeds"], seq["positions"], seq["attn"], seq["labels"]
+            if lab is not None:
+                lab = lab.masked_fill(attn == 0, -100)
+            if want_maps:
+                query_mask, anomaly_rows, normal_rows = seq["query"], seq["anomaly"], seq["normal"]
+            if use_cache is not False:
+                self._compacted_prefix = _CompactedPrefix(full_length=length, compact_mask=attn.detach())
+
+        request = None
+        if want_maps:
+            rows = anomaly_rows | normal_rows
+            row_index, row_valid = padded_positions(rows)
+            col_index, _ = padded_positions(query_mask)
+            request = AttentionMapRequest(
+                row_index=row_index, row_valid=row_valid,
+                row_is_anomaly=torch.gather(anomaly_rows, 1, row_index),
+                col_index=col_index, key_padding=attn.bool())
+        self.attention_map_recorder.request = request
+        try:
+            outputs = self.model.language_model(
+                inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
+                past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        finally:
+            self.attention_map_recorder.request = None
+
+        hidden = outputs.last_hidden_state
+        slice_ = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_, :])
+
+        lm_loss = None
+        if lab is not None:
+            lm_loss = self.loss_function(logits=logits, labels=lab, vocab_size=cfg.text_config.vocab_size, **kwargs)
+        result = IADGPTOutput(logits=logits, past_key_values=outputs.past_key_values, lm_loss=lm_loss,
+                              loss=lm_loss, kept_tokens=kept_tokens)
+        if want_maps:
+            self._attach_maps(result, request, query_grid, pixel_masks)
+        return result
+
+    def _word_rows(self, input_ids, labels, query_end, anomaly_word_mask, normal_word_mask):
+        if anomaly_word_mask is None or normal_word_mask is None:
+            if self.word_token_ids is None:
+                raise RuntimeError("Pixel maps need the word positions: call model.configure_words(tokenizer) "
+                                   "(iadgpt.load_model does) or pass anomaly_word_mask / normal_word_mask.")
+        if anomaly_word_mask is None:
+            anomaly_word_mask = find_word_tokens(input_ids, self.word_token_ids["anomaly"])
+        if normal_word_mask is None:
+            normal_word_mask = find_word_tokens(input_ids, self.word_token_ids["normal"])
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        usable = positions >= query_end[:, None]
+        if labels is not None:
+            usable &= labels == -100  # prompt words, not the supervised answer
+        anomaly = anomaly_word_mask.bool() & usable
+        normal = normal_word_mask.bool() & usable & ~anomaly
+        missing = [b for b in range(input_ids.shape[0]) if not anomaly[b].any()]
+        if missing:
+            raise ValueError(
+                f"Sample(s) {missing}: the prompt has no anomaly word after the query image, so there is no "
+                f"attention to draw the pixel map from. Use one of {self.iadgpt.anomaly_words} in the question.")
+        return anomaly, normal
+
+    def _attach_maps(self, result: IADGPTOutput, request: AttentionMapRequest, grids, pixel_masks) -> None:
+        layers = self.iadgpt.attention_map_layers
+        anomaly = torch.stack([request.maps[n][0] for n in layers]).mean(0)  # mean over layers (Eq. 5)
+        normal = torch.stack([request.maps[n][1] for n in layers]).mean(0)
+        has_normal = (request.row_valid & ~request.row_is_anomaly).any(-1)
+        result.anomaly_maps, result.normal_maps, result.pixel_scores = [], [], []
+        for b, (h, w) in enumerate(grids):
+            a = anomaly[b, : h * w].view(h, w)
+            n = normal[b, : h * w].view(h, w)
+            result.anomaly_maps.append(a)
+            result.normal_maps.append(n)
+            result.pixel_scores.append(pixel_anomaly_probability(a, n if has_normal[b] else None))
+        if pixel_masks is None:
+            return
+        focal_terms, dice_terms = [], []
+        for b, mask in enumerate(pixel_masks):
+            if mask is None:
+                continue
+            mask = mask.to(anomaly.device).float()
+            prob = F.interpolate(result.pixel_scores[b][None, None], size=mask.shape[-2:], mode="bilinear",
+                                 align_corners=False)[0, 0]
+            focal_terms.append(focal_loss(prob, mask, self.iadgpt.focal_gamma, self.iadgpt.focal_alpha))
+            dice_terms.append(dice_loss(prob, mask))
+        if not focal_terms:
+            return
+        result.focal_loss = torch.stack(focal_terms).mean()
+        result.dice_loss = torch.stack(dice_terms).mean()
+        pixel = self.iadgpt.pixel_loss_weight * (result.focal_loss + result.dice_loss)
+        result.loss = pixel if result.loss is None else result.loss + pixel
+
+
+def pixel_anomaly_probability(anomaly_map: torch.Tensor, normal_map: torch.Tensor | None) -> torch.Tensor:
+    """Per token, p(anomalous) = a' / (a' + n') from the two attention channels.
+
+    Each channel is first divided by its mean over the image, so both are on the scale "how much
+    more than average this word looks at this token"; a missing normal channel counts as uniform.
+    """
+    a = anomaly_map.float()
+    a = a / a.mean().clamp(min=1e-12)
+    n = torch.ones_like(a) if normal_map is None else normal_map.float() / normal_map.float().mean().clamp(min=1e-12)
+    return a / (a + n).clamp(min=1e-12)

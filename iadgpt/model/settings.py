@@ -1,0 +1,114 @@
+"""The IADGPT additions to a Qwen2.5-VL config, stored as `config.iadgpt` in the checkpoint.
+
+A plain Qwen2.5-VL checkpoint (e.g. `Qwen/Qwen2.5-VL-7B-Instruct`) has no such entry; it then gets
+the paper's defaults scaled to its depth: four evenly spaced layers, which for the 7B model are the
+paper's vision blocks 8/16/24/32 of 32 and LLM layers 7/14/21/28 of 28.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Words whose attention to the query image gives the anomaly channel of the pixel map ...
+DEFAULT_ANOMALY_WORDS = ["defect", "defective", "defects", "anomaly", "anomalous", "abnormal", "damaged"]
+# ... and the normal channel.
+DEFAULT_NORMAL_WORDS = ["normal", "flawless", "good"]
+
+
+@dataclass
+class DetectionQuestion:
+    """A yes/no question whose answer scores the query image."""
+
+    text: str = "Is there any defect or anomaly in the query image? Answer Yes or No."
+    """The question, asked after the exemplars and the query image."""
+    defect_answer: str = "Yes"
+    """The answer ("Yes" or "No") that means the query image is defective."""
+
+
+@dataclass
+class IADGPTSettings:
+    """What IADGPT adds to Qwen2.5-VL. Layer numbers count from 1, as in the paper."""
+
+    vision_fusion_layers: list[int] | None = None
+    """Vision blocks whose outputs are fused (softmax-weighted sum) before the patch merger.
+    None: four evenly spaced blocks ending at the last (paper: 8, 16, 24, 32 of 32). []: no fusion."""
+    fusion_init_last_weight: float | None = None
+    """Initial softmax weight of the last fused block; the others share the rest equally.
+    None: equal weights. Close to 1 keeps a pretrained model's behaviour at the start."""
+    compress_exemplars: bool = True
+    """Drop redundant visual tokens of the normal exemplars (never of the query image)."""
+    exemplar_retention: float = 0.2
+    """Fraction of each non-reference exemplar's visual tokens kept (paper: 20%). In (0, 1]."""
+    attention_map_layers: list[int] | None = None
+    """LLM layers whose attention gives the pixel map. None: four evenly spaced layers ending at
+    the last (paper: 7, 14, 21, 28 of 28)."""
+    anomaly_words: list[str] = field(default_factory=lambda: list(DEFAULT_ANOMALY_WORDS))
+    """Prompt words whose attention to the query image is the anomaly map."""
+    normal_words: list[str] = field(default_factory=lambda: list(DEFAULT_NORMAL_WORDS))
+    """Prompt words whose attention to the query image is the normal map. With none in the
+    prompt, the normal channel is uniform."""
+    pixel_loss_weight: float = 1.0
+    """Weight of (focal + Dice) pixel loss added to the language-model loss."""
+    focal_gamma: float = 2.0
+    """Focusing parameter of the focal loss."""
+    focal_alpha: float | None = None
+    """Weight of the anomalous class in the focal loss (None: unweighted)."""
+    detection_question: DetectionQuestion = field(default_factory=DetectionQuestion)
+    """The question whose Yes/No logits give the image anomaly score."""
+
+    def __post_init__(self):
+        if isinstance(self.detection_question, dict):
+            self.detection_question = DetectionQuestion(**self.detection_question)
+        if not 0.0 < float(self.exemplar_retention) <= 1.0:
+            raise ValueError(
+                f"exemplar_retention={self.exemplar_retention} is outside (0, 1]: it is the fraction of "
+                "exemplar tokens kept (paper: 0.2; 1.0 keeps all)."
+            )
+        if self.fusion_init_last_weight is not None and not 0.0 < self.fusion_init_last_weight < 1.0:
+            raise ValueError(f"fusion_init_last_weight={self.fusion_init_last_weight} must be in (0, 1).")
+        if self.detection_question.defect_answer not in ("Yes", "No"):
+            raise ValueError(
+                f"detection_question.defect_answer={self.detection_question.defect_answer!r}: "
+                "allowed are 'Yes' and 'No'."
+            )
+        if not self.anomaly_words:
+            raise ValueError("anomaly_words is empty: the pixel map needs at least one anomaly word.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "IADGPTSettings":
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown IADGPT settings {unknown}; allowed: {sorted(known)}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved(self, vision_depth: int, text_depth: int) -> "IADGPTSettings":
+        """Fill default layers for this model's depths and check every layer exists."""
+        fusion = evenly_spaced_layers(vision_depth) if self.vision_fusion_layers is None else self.vision_fusion_layers
+        attention = evenly_spaced_layers(text_depth) if self.attention_map_layers is None else self.attention_map_layers
+        check_layers("vision_fusion_layers", fusion, vision_depth, "vision blocks", allow_empty=True)
+        check_layers("attention_map_layers", attention, text_depth, "LLM layers", allow_empty=False)
+        return dataclasses.replace(self, vision_fusion_layers=list(fusion), attention_map_layers=list(attention))
+
+
+def evenly_spaced_layers(depth: int, count: int = 4) -> list[int]:
+    """`count` layers spaced evenly and ending at the last: 32 -> [8, 16, 24, 32]."""
+    return sorted({max(1, round(depth * (i + 1) / count)) for i in range(count)})
+
+
+def check_layers(name: str, layers: list[int], depth: int, what: str, allow_empty: bool) -> None:
+    if not layers and not allow_empty:
+        raise ValueError(f"{name} is empty: choose at least one of the model's {depth} {what} (1..{depth}).")
+    bad = [layer for layer in layers if not isinstance(layer, int) or not 1 <= layer <= depth]
+    if bad:
+        raise ValueError(
+            f"{name}={list(layers)}: {bad} not in 1..{depth}; this model has {depth} {what}, counted from 1."
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name}={list(layers)} repeats a layer.")
