@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention_maps import AttentionMapRecorder, AttentionMapRequest, padded_positions
@@ -133,6 +134,10 @@ def compact_sequences(keep: torch.Tensor, left_padded: bool, tensors: dict[str, 
 class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL turned few-shot industrial inspector (see module docstring)."""
 
+    # Released Qwen2.5-VL checkpoints name their weights `model.layers.*` / `visual.*`; transformers
+    # renames them on load only for classes it knows, so the subclass registers the same renaming
+    # (and saves in the released layout, loadable by any transformers version).
+
     def __init__(self, config):
         super().__init__(config)
         settings = IADGPTSettings.from_dict(getattr(config, "iadgpt", None)).resolved(
@@ -152,11 +157,16 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         self.yes_no_token_ids: tuple[int, int] | None = None
         self._compacted_prefix: _CompactedPrefix | None = None
 
-    def _init_weights(self, module):
-        if isinstance(module, VisualLayerFusion):
-            init.copy_(module.logits, module.initial_logits())
-            return
-        super()._init_weights(module)
+    @torch.no_grad()
+    def initialize_weights(self):
+        # transformers initialises the vision tower's modules with the tower's own `_init_weights`,
+        # which knows nothing of the fusion weights: initialise them here when the checkpoint
+        # (e.g. a released Qwen2.5-VL) does not hold them.
+        fusion = getattr(self.model.visual, "layer_fusion", None)
+        if fusion is not None and not getattr(fusion, "_is_hf_initialized", False):
+            init.copy_(fusion.logits, fusion.initial_logits())
+            fusion._is_hf_initialized = True
+        super().initialize_weights()
 
     # -- words ----------------------------------------------------------------------------------
     def configure_words(self, tokenizer) -> None:
@@ -214,26 +224,32 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         compress = self.iadgpt.compress_exemplars if compress_exemplars is None else compress_exemplars
         compress = compress and self.iadgpt.exemplar_retention < 1.0
         want_maps = pixel_masks is not None if pixel_maps is None else pixel_maps
-        if cached or pixel_values is None or input_ids is None or not (compress or want_maps):
+        # generate() encodes the images before the prefill and passes them as `mm_encoder_outputs`.
+        encoded_images = (mm_encoder_outputs or {}).get("image")
+        has_images = pixel_values is not None or encoded_images is not None
+        if cached or not has_images or input_ids is None or not (compress or want_maps):
             if want_maps and not cached:
                 raise ValueError("Pixel maps need `input_ids` and `pixel_values` (a query image).")
-            return super().forward(
+            out = super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                 pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
                 video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
                 second_per_grid_ts=second_per_grid_ts, logits_to_keep=logits_to_keep,
                 mm_encoder_outputs=mm_encoder_outputs, **kwargs)
-        if pixel_values_videos is not None or mm_encoder_outputs is not None:
-            raise ValueError("Exemplar compression and pixel maps work on images; videos and precomputed "
-                             "encoder outputs are not supported together with them.")
+            return IADGPTOutput(**out, lm_loss=out.loss)
+        if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
+            raise ValueError("Exemplar compression and pixel maps work on images; videos are not supported "
+                             "together with them (pass compress_exemplars=False, pixel_maps=False).")
+        if encoded_images is None:
+            encoded_images = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         return self._inspect_forward(
-            input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, pixel_values,
+            input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, encoded_images.pooler_output,
             image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress, compress_exemplars is True,
             want_maps, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs)
 
     def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
-                         pixel_values, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress,
+                         image_embeds, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress,
                          strict_compression, want_maps, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs):
         cfg = self.config
         batch, length = input_ids.shape
@@ -242,7 +258,6 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
         # 1. Embed, encode the images and scatter them, exactly as Qwen2.5-VL does.
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        image_embeds = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
         flat_embeds = torch.cat(image_embeds, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
                                                         image_features=flat_embeds)
@@ -250,6 +265,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
         # 2. 3-D M-RoPE positions on the full sequence: pruning must not renumber them.
         if position_ids is None:
+            if image_grid_thw is None:
+                raise ValueError("image_grid_thw is needed to compute the M-RoPE positions of the images.")
             if mm_token_type_ids is None:
                 mm_token_type_ids = (input_ids == cfg.image_token_id).to(torch.int32)
             position_ids, rope_deltas = self.model.get_rope_index(
@@ -286,6 +303,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     f"Sample {b} has no normal exemplar image before its query image, but exemplar "
                     "compression was requested (compress_exemplars=True). Add exemplars or pass False.")
             if want_maps:
+                if image_grid_thw is None:
+                    raise ValueError("Pixel maps need image_grid_thw to know the query image's token grid.")
                 if len(queries) != 1:
                     raise ValueError(f"Sample {b} has {len(queries)} query images; pixel maps need exactly one.")
                 g, (start, end) = queries[0]
@@ -412,3 +431,8 @@ def pixel_anomaly_probability(anomaly_map: torch.Tensor, normal_map: torch.Tenso
     a = a / a.mean().clamp(min=1e-12)
     n = torch.ones_like(a) if normal_map is None else normal_map.float() / normal_map.float().mean().clamp(min=1e-12)
     return a / (a + n).clamp(min=1e-12)
+
+
+register_checkpoint_conversion_mapping(
+    "IADGPTForConditionalGeneration", get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration"),
+    overwrite=True)

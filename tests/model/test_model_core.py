@@ -1,0 +1,344 @@
+"""The IADGPT model core on a tiny random-weight Qwen2.5-VL of the real architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from iadgpt.model import (
+    ROLE_EXEMPLAR,
+    ROLE_OTHER,
+    ROLE_QUERY,
+    IADGPTForConditionalGeneration,
+    detection_inputs,
+    few_shot_messages,
+    init_model,
+    load_model,
+    load_processor,
+)
+from iadgpt.model.losses import dice_loss, focal_loss
+from iadgpt.model.settings import IADGPTSettings
+
+QWEN_FORWARD = Qwen2_5_VLForConditionalGeneration.forward  # the unmodified Qwen2.5-VL forward
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_model(tiny_checkpoint).eval()
+
+
+@pytest.fixture()
+def batch(tiny_processor, random_image):
+    """Two 3-shot samples of different image sizes, so the batch is left-padded."""
+    exemplars = [[random_image(), random_image(), random_image()], [random_image(84), random_image(), random_image()]]
+    return detection_inputs(tiny_processor, exemplars, [random_image(), random_image(168)])
+
+
+def full_positions(model, inputs):
+    position_ids, _ = model.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"])
+    return position_ids
+
+
+# -- the checkpoint ------------------------------------------------------------------------------
+def test_init_model_writes_a_real_qwen2_5_vl_checkpoint(tiny_checkpoint, tiny_processor):
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl"
+    assert (tiny_checkpoint / "model.safetensors").is_file()
+    assert not list(tiny_checkpoint.glob("*.bin"))
+    # The stock transformers class loads it: same architecture, nothing custom needed.
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    assert sum(p.numel() for p in plain.parameters()) < 1_000_000
+    tok = tiny_processor.tokenizer
+    for token in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"):
+        assert len(tok.encode(token, add_special_tokens=False)) == 1
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == config["image_token_id"]
+    assert tok.convert_tokens_to_ids("<|vision_start|>") == config["vision_start_token_id"]
+    for word in ("Yes", "No", " defect", " anomaly", " normal"):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, word
+    text = tiny_processor.apply_chat_template(few_shot_messages(1, "Is there any defect?"), tokenize=False,
+                                              add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_init_model_is_deterministic_and_small_preset_is_bigger(tmp_path):
+    a = init_model(tmp_path / "a", "tiny", seed=3)
+    b = init_model(tmp_path / "b", "tiny", seed=3)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    small = init_model(tmp_path / "s", "small")
+    n = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration.from_pretrained(small).parameters())
+    assert 1_000_000 < n < 10_000_000
+
+
+def test_bad_preset_and_bad_folders_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown preset 'huge'; allowed: \['small', 'tiny'\]"):
+        init_model(tmp_path / "x", "huge")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_processor(tmp_path / "empty")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="holds a 'bert' model; iadgpt needs a Qwen2.5-VL checkpoint"):
+        load_model(tmp_path / "bert")
+
+
+def test_settings_errors_name_the_value_and_what_is_allowed(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"vision_fusion_layers=\[2, 9\]: \[9\] not in 1..4"):
+        load_model(tiny_checkpoint, iadgpt={"vision_fusion_layers": [2, 9]})
+    with pytest.raises(ValueError, match=r"attention_map_layers=\[0\]: \[0\] not in 1..2"):
+        load_model(tiny_checkpoint, iadgpt={"attention_map_layers": [0]})
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=rf"exemplar_retention={bad} is outside \(0, 1\]"):
+            IADGPTSettings(exemplar_retention=bad)
+    with pytest.raises(ValueError, match=r"Unknown IADGPT settings \['retention'\]"):
+        IADGPTSettings.from_dict({"retention": 0.5})
+
+
+def test_plain_qwen_checkpoint_gets_paper_layers_and_initialised_fusion(tmp_path, tiny_checkpoint):
+    config = Qwen2_5_VLConfig.from_pretrained(tiny_checkpoint)
+    del config.iadgpt
+    plain = Qwen2_5_VLForConditionalGeneration(config)
+    plain.save_pretrained(tmp_path / "plain")
+    model = IADGPTForConditionalGeneration.from_pretrained(tmp_path / "plain")
+    assert model.iadgpt.vision_fusion_layers == [1, 2, 3, 4]
+    assert model.iadgpt.attention_map_layers == [1, 2]
+    assert torch.equal(model.model.visual.layer_fusion.logits.detach(), torch.zeros(4))
+    # 7B depths give the paper's layers.
+    paper = IADGPTSettings().resolved(vision_depth=32, text_depth=28)
+    assert paper.vision_fusion_layers == [8, 16, 24, 32] and paper.attention_map_layers == [7, 14, 21, 28]
+
+
+# -- exemplar compression ------------------------------------------------------------------------
+def test_compressed_forward_equals_full_forward_with_dropped_tokens_masked(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+        keep = out.kept_tokens
+        reference = QWEN_FORWARD(model, **{k: v for k, v in batch.items() if k != "attention_mask"},
+                                 attention_mask=batch["attention_mask"] * keep,
+                                 position_ids=full_positions(model, batch))
+    # 3 exemplars of 16 tokens: the reference keeps 16, the two others floor(0.2 * 16) = 3 each.
+    image_pad = model.config.image_token_id
+    dropped = ((batch["input_ids"] == image_pad) & ~keep).sum(-1)
+    assert dropped[0].item() == 2 * (16 - 3)
+    seen = batch["attention_mask"].bool() & keep
+    for b in range(2):
+        n = int(seen[b].sum())
+        torch.testing.assert_close(out.logits[b, -n:], reference.logits[b][seen[b]], atol=1e-5, rtol=1e-4)
+    # And it really differs from not compressing.
+    with torch.no_grad():
+        uncompressed = model(**batch, compress_exemplars=False)
+    assert uncompressed.kept_tokens is None
+    assert (uncompressed.logits[:, -1] - out.logits[:, -1]).abs().max() > 1e-6
+
+
+def test_compression_keeps_the_least_redundant_tokens():
+    from iadgpt.model import compress_exemplar_tokens
+
+    reference = torch.eye(4)  # four orthogonal tokens
+    other = torch.stack([torch.eye(4)[0], torch.tensor([1.0, 1, 0, 0]), torch.tensor([0.0, 0, 0, 0]) + 0.1,
+                         torch.tensor([-1.0, -1, -1, -1])])
+    keep = compress_exemplar_tokens([reference, other], retention=0.5)
+    assert keep[0].all()
+    # max cosine similarities to the reference: 1.0, 0.707, 0.5, -0.5 -> keep the last two.
+    assert keep[1].tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="needs at least one normal exemplar"):
+        compress_exemplar_tokens([], retention=0.2)
+    with pytest.raises(ValueError, match=r"retention=1.2 is outside \(0, 1\]"):
+        compress_exemplar_tokens([reference, other], retention=1.2)
+
+
+def test_query_and_other_images_are_never_compressed(model, batch):
+    n_images = batch["image_grid_thw"].shape[0]
+    roles = torch.tensor([ROLE_EXEMPLAR, ROLE_OTHER, ROLE_EXEMPLAR, ROLE_QUERY] * (n_images // 4))
+    with torch.no_grad():
+        out = model(**batch, image_roles=roles)
+    spans = [(i, (batch["input_ids"][i] == model.config.image_token_id).nonzero().flatten()) for i in range(2)]
+    for b, positions in spans:
+        images = positions.split(16)  # four 16-token images in sample 0
+        if b == 0:
+            kept = [out.kept_tokens[b, p].sum().item() for p in images]
+            assert kept == [16, 16, 3, 16]
+
+
+def test_compression_without_exemplars_is_an_error_only_when_asked_for(model, tiny_processor, random_image):
+    inputs = detection_inputs(tiny_processor, [[]], [random_image()])
+    with torch.no_grad():
+        model(**inputs)  # settings say compress, but a 0-shot sample simply has nothing to compress
+    with pytest.raises(ValueError, match="no normal exemplar image before its query image"):
+        model(**inputs, compress_exemplars=True)
+
+
+def test_generation_with_compression_matches_step_by_step_forward(model, batch):
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for _ in range(4):
+            step = {**batch, "input_ids": ids, "attention_mask": mask,
+                    "mm_token_type_ids": torch.nn.functional.pad(batch["mm_token_type_ids"], (0, ids.shape[1] - batch["input_ids"].shape[1]))}
+            next_id = model(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], 1)
+            mask = torch.cat([mask, torch.ones_like(next_id)], 1)
+    assert torch.equal(generated, ids)
+
+
+# -- image score ---------------------------------------------------------------------------------
+def test_image_score_equals_first_generation_step(model, batch):
+    yes, no = model.yes_no_token_ids
+    with torch.no_grad():
+        out = model(**batch, logits_to_keep=1)
+        score = model.image_anomaly_score(out.logits[:, -1])
+        gen = model.generate(**batch, max_new_tokens=1, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    expected = gen.logits[0][:, [yes, no]].float().softmax(-1)[:, 0]  # "Yes" means defective
+    torch.testing.assert_close(score, expected, atol=1e-6, rtol=1e-5)
+    assert ((score > 0) & (score < 1)).all()
+
+
+def test_batched_scoring_equals_one_by_one(model, tiny_processor, random_image):
+    exemplars = [[random_image(), random_image()], [random_image(140), random_image(84)]]
+    queries = [random_image(), random_image(112, 168)]
+    with torch.no_grad():
+        batched = model.image_anomaly_score(model(**detection_inputs(tiny_processor, exemplars, queries),
+                                                  logits_to_keep=1).logits[:, -1])
+        single = torch.cat([model.image_anomaly_score(model(**detection_inputs(tiny_processor, [e], [q]),
+                                                            logits_to_keep=1).logits[:, -1])
+                            for e, q in zip(exemplars, queries)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+
+
+def test_defect_answer_no_flips_the_score(tiny_checkpoint, batch):
+    yes_model = load_model(tiny_checkpoint).eval()
+    no_model = load_model(tiny_checkpoint, iadgpt={"detection_question": {"text": "Is the query image normal?",
+                                                                         "defect_answer": "No"}}).eval()
+    with torch.no_grad():
+        logits = yes_model(**batch, logits_to_keep=1).logits[:, -1]
+    torch.testing.assert_close(yes_model.image_anomaly_score(logits) + no_model.image_anomaly_score(logits),
+                               torch.ones(2))
+
+
+# -- pixel maps ----------------------------------------------------------------------------------
+def eager_reference_maps(tiny_checkpoint, inputs, keep=None):
+    """Mean attention of the anomaly words to the query tokens from eager `output_attentions`."""
+    eager = load_model(tiny_checkpoint, attn_implementation="eager").eval()
+    mask = inputs["attention_mask"] if keep is None else inputs["attention_mask"] * keep
+    with torch.no_grad():
+        out = QWEN_FORWARD(eager, **{k: v for k, v in inputs.items() if k != "attention_mask"}, attention_mask=mask,
+                           position_ids=full_positions(eager, inputs), output_attentions=True)
+    tok_ids = {eager.word_token_ids["anomaly"][i][-1] for i in range(len(eager.word_token_ids["anomaly"]))
+               if len(eager.word_token_ids["anomaly"][i]) == 1}
+    maps = []
+    for b in range(inputs["input_ids"].shape[0]):
+        ids = inputs["input_ids"][b]
+        image_positions = (ids == eager.config.image_token_id).nonzero().flatten()
+        query = image_positions[-len(image_positions) // 4:] if False else None
+        # the query is the last image: its tokens are the last contiguous run
+        runs = torch.split(image_positions, torch.diff(image_positions, prepend=image_positions[:1] - 1).ne(1)
+                           .cumsum(0).bincount().tolist())
+        query = runs[-1]
+        rows = [i for i in range(int(query[-1]) + 1, len(ids)) if int(ids[i]) in tok_ids]
+        assert rows, "the question must hold an anomaly word"
+        per_layer = [out.attentions[n - 1][b][:, rows][:, :, query].mean(dim=(0, 1))
+                     for n in eager.iadgpt.attention_map_layers]
+        maps.append(torch.stack(per_layer).mean(0))
+    return maps
+
+
+def test_attention_rows_equal_eager_attention(model, tiny_checkpoint, batch):
+    with torch.no_grad():
+        out = model(**batch, pixel_maps=True, compress_exemplars=False)
+    for ours, ref in zip(out.anomaly_maps, eager_reference_maps(tiny_checkpoint, batch)):
+        torch.testing.assert_close(ours.flatten(), ref, atol=1e-6, rtol=1e-5)
+    assert [tuple(m.shape) for m in out.anomaly_maps] == [(4, 4), (6, 6)]
+
+
+def test_attention_rows_with_compression_equal_eager_with_masked_keys(model, tiny_checkpoint, batch):
+    with torch.no_grad():
+        out = model(**batch, pixel_maps=True)
+    for ours, ref in zip(out.anomaly_maps, eager_reference_maps(tiny_checkpoint, batch, keep=out.kept_tokens)):
+        torch.testing.assert_close(ours.flatten(), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_prompt_without_anomaly_word_is_an_error(model, tiny_processor, random_image):
+    messages = few_shot_messages(1, "Describe the query image.")
+    text = tiny_processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tiny_processor(text=[text], images=[random_image(), random_image()], return_tensors="pt")
+    with pytest.raises(ValueError, match=r"no anomaly word after the query image.*\['defect', 'defective'"):
+        model(**inputs, pixel_maps=True)
+
+
+# -- losses and training mechanics ---------------------------------------------------------------
+def test_focal_and_dice_match_hand_computed_values():
+    prob = torch.tensor([0.9, 0.2, 0.6, 0.1])
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    # focal, gamma 2: -(1-p_t)^2 log p_t with p_t = 0.9, 0.8, 0.6, 0.9
+    import math
+    expected = -(0.01 * math.log(0.9) + 0.04 * math.log(0.8) + 0.16 * math.log(0.6) + 0.01 * math.log(0.9)) / 4
+    assert focal_loss(prob, mask, gamma=2.0).item() == pytest.approx(expected, rel=1e-5)
+    # alpha 0.25 weighs positives by 0.25 and negatives by 0.75
+    weighted = -(0.25 * 0.01 * math.log(0.9) + 0.75 * 0.04 * math.log(0.8) + 0.25 * 0.16 * math.log(0.6)
+                 + 0.75 * 0.01 * math.log(0.9)) / 4
+    assert focal_loss(prob, mask, gamma=2.0, alpha=0.25).item() == pytest.approx(weighted, rel=1e-5)
+    # dice: 1 - (2 * 1.5 + 1) / (1.8 + 2 + 1)
+    assert dice_loss(prob, mask).item() == pytest.approx(1 - 4.0 / 4.8, rel=1e-6)
+
+
+def test_pixel_loss_is_added_and_skipped_for_samples_without_mask(tiny_checkpoint, tiny_processor, random_image):
+    model = load_model(tiny_checkpoint, iadgpt={"pixel_loss_weight": 0.5})
+    messages = few_shot_messages(2, model.iadgpt.detection_question.text, answer="Yes")
+    text = tiny_processor.apply_chat_template(messages, tokenize=False)
+    tiny_processor.tokenizer.padding_side = "right"
+    inputs = tiny_processor(text=[text, text], images=[random_image() for _ in range(6)], return_tensors="pt",
+                            padding=True)
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100  # supervise the answer only
+    defect = torch.zeros(112, 112)
+    defect[20:50, 30:70] = 1
+    out = model(**inputs, labels=labels, pixel_masks=[defect, None])
+    prob = torch.nn.functional.interpolate(out.pixel_scores[0][None, None], size=(112, 112), mode="bilinear")[0, 0]
+    torch.testing.assert_close(out.focal_loss, focal_loss(prob, defect))
+    torch.testing.assert_close(out.dice_loss, dice_loss(prob, defect))
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * (out.focal_loss + out.dice_loss))
+    out.loss.backward()
+    q_grad = model.model.language_model.layers[0].self_attn.q_proj.weight.grad
+    assert q_grad is not None and q_grad.abs().sum() > 0
+    no_mask = model(**inputs, labels=labels, pixel_masks=[None, None])
+    assert no_mask.focal_loss is None and torch.equal(no_mask.loss, no_mask.lm_loss)
+
+
+def test_fusion_weights_get_gradients_change_outputs_and_survive_save_load(tiny_checkpoint, tmp_path, batch):
+    model = load_model(tiny_checkpoint)
+    fusion = model.model.visual.layer_fusion
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model(**batch, labels=labels).loss.backward()
+    assert fusion.logits.grad is not None and fusion.logits.grad.abs().sum() > 0
+    with torch.no_grad():
+        before = model(**batch).logits
+        fusion.logits.copy_(torch.tensor([2.0, -1.0, 0.5, 0.0]))
+        after = model(**batch).logits
+    assert (before - after).abs().max() > 1e-6
+    model.save_pretrained(tmp_path / "saved")
+    tiny_processor = load_processor(tiny_checkpoint)
+    tiny_processor.save_pretrained(tmp_path / "saved")
+    reloaded = load_model(tmp_path / "saved").eval()
+    assert torch.equal(reloaded.model.visual.layer_fusion.logits.detach(), torch.tensor([2.0, -1.0, 0.5, 0.0]))
+    model.eval()
+    with torch.no_grad():
+        a, b = model(**batch, pixel_maps=True), reloaded(**batch, pixel_maps=True)
+    assert torch.equal(a.logits, b.logits)
+    for x, y in zip(a.pixel_scores, b.pixel_scores):
+        assert torch.equal(x, y)
+
+
+def test_fusion_can_start_near_the_last_layer(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, iadgpt={"fusion_init_last_weight": 0.85})
+    model.model.visual.layer_fusion.logits.data.copy_(model.model.visual.layer_fusion.initial_logits())
+    weights = model.model.visual.layer_fusion.layer_weights()
+    torch.testing.assert_close(weights, torch.tensor([0.05, 0.05, 0.05, 0.85]))
