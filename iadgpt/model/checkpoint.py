@@ -105,11 +105,17 @@ def preset_config(preset: ModelPreset, tokenizer) -> Qwen2_5_VLConfig:
     return config
 
 
-def init_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0) -> Path:
-    """Write a randomly initialised IADGPT checkpoint of the real Qwen2.5-VL architecture."""
-    if preset not in PRESETS:
+def init_model(out: str | os.PathLike, preset: str | ModelPreset = "tiny", seed: int = 0) -> Path:
+    """Write a randomly initialised IADGPT checkpoint of the real Qwen2.5-VL architecture.
+
+    `preset` is a name from PRESETS or a ModelPreset of your own sizes.
+    """
+    if isinstance(preset, ModelPreset):
+        spec, preset = preset, "custom"
+    elif preset in PRESETS:
+        spec = PRESETS[preset]
+    else:
         raise ValueError(f"Unknown preset {preset!r}; allowed: {sorted(PRESETS)}.")
-    spec = PRESETS[preset]
     out = Path(out)
     tokenizer = build_offline_qwen_tokenizer(spec.vocab_size)
     torch.manual_seed(seed)

@@ -390,6 +390,25 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 f"attention to draw the pixel map from. Use one of {self.iadgpt.anomaly_words} in the question.")
         return anomaly, normal
 
+    def anomaly_maps_from_attention_weights(self, attentions, input_ids: torch.Tensor,
+                                            labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The anomaly maps computed the expensive way, from eager `output_attentions` weights.
+
+        A reference for the attention-row maps: per sample (query = last image, no compression),
+        the flattened mean over map layers, heads and anomaly-word rows of the attention weights.
+        """
+        spans = image_spans(input_ids, self.config.image_token_id)
+        query_end = torch.tensor([s[-1][1] for s in spans], device=input_ids.device)
+        anomaly_rows, _ = self._word_rows(input_ids, labels, query_end, None, None)
+        maps = []
+        for b, sample_spans in enumerate(spans):
+            start, end = sample_spans[-1]
+            rows = anomaly_rows[b].nonzero().flatten()
+            per_layer = [attentions[n - 1][b][:, rows, start:end].float().mean(dim=(0, 1))
+                         for n in self.iadgpt.attention_map_layers]
+            maps.append(torch.stack(per_layer).mean(0))
+        return maps
+
     def _attach_maps(self, result: IADGPTOutput, request: AttentionMapRequest, grids, pixel_masks) -> None:
         layers = self.iadgpt.attention_map_layers
         anomaly = torch.stack([request.maps[n][0] for n in layers]).mean(0)  # mean over layers (Eq. 5)

@@ -1,0 +1,144 @@
+"""Speed and memory benchmarks, each variant measured side by side in one run.
+
+    python eval/speed.py compression   # 4-shot prefill with vs without exemplar compression
+    python eval/speed.py pixel-map     # our attention-row maps (sdpa) vs eager output_attentions
+
+Each prints its measurements, and as its last line one JSON object with the ratios.
+The benchmark model is a random-weight Qwen2.5-VL of the real architecture, sized so that the
+language model dominates as it does in the 7B model (8 layers, 512 wide; a small vision tower),
+with 4 exemplars + 1 query of 504 x 504 px: 5 x 324 = 1,620 visual tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from iadgpt.model import detection_inputs, init_model, load_model, load_processor
+from iadgpt.model.checkpoint import ModelPreset
+from iadgpt.utils.profiling import median_seconds, peak_rss_increase
+
+BENCH_PRESET = ModelPreset(
+    text_hidden=512, text_layers=8, text_heads=8, text_kv_heads=2, text_intermediate=1408,
+    mrope_section=(8, 12, 12), vision_hidden=64, vision_depth=4, vision_heads=2, vision_intermediate=128,
+    fullatt_blocks=(1, 3), max_pixels=512 * 512,
+)
+
+
+def bench_inputs(processor, shots: int, image_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+
+    def image():
+        # A smooth product-like image plus noise, so exemplars resemble each other as real ones do.
+        base = np.linspace(0, 255, image_size)[None, :, None] * np.ones((image_size, 1, 3))
+        return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+    return detection_inputs(processor, [[image() for _ in range(shots)]], [image()])
+
+
+def compression(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = init_model(Path(tmp) / "bench", BENCH_PRESET)
+        processor = load_processor(ckpt)
+        model = load_model(ckpt, iadgpt={"exemplar_retention": args.retention}).eval()
+        inputs = bench_inputs(processor, args.shots, args.image_size)
+    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    query_tokens = image_tokens // (args.shots + 1)
+    exemplar_tokens = image_tokens - query_tokens
+    with torch.inference_mode():
+        compressed = model(**inputs, logits_to_keep=1)
+        kept = int((compressed.kept_tokens & (inputs["input_ids"] == model.config.image_token_id)).sum())
+        times = {}
+        for name, flag in (("uncompressed", False), ("compressed", True)):
+            times[name] = median_seconds(lambda: model(**inputs, logits_to_keep=1, compress_exemplars=flag),
+                                         repeats=args.repeats)
+    kept_exemplar = kept - query_tokens
+    print(f"sequence: {inputs['input_ids'].shape[1]} tokens, {image_tokens} visual "
+          f"({exemplar_tokens} exemplar, {query_tokens} query); kept exemplar tokens: {kept_exemplar}")
+    print(f"prefill median of {args.repeats}: uncompressed {times['uncompressed']:.3f} s, "
+          f"compressed {times['compressed']:.3f} s")
+    return {"bench": "compression", "shots": args.shots, "retention": args.retention,
+            "exemplar_token_ratio": round(kept_exemplar / exemplar_tokens, 4),
+            "prefill_time_ratio": round(times["compressed"] / times["uncompressed"], 4)}
+
+
+def pixel_map_worker(args) -> None:
+    """One variant in a fresh process: peak memory, time and the maps, written to --result."""
+    eager = args.variant == "eager"
+    processor = load_processor(args.checkpoint)
+    model = load_model(args.checkpoint, attn_implementation="eager" if eager else "sdpa",
+                       iadgpt={"compress_exemplars": False}).eval()
+    inputs = bench_inputs(processor, args.shots, args.image_size)
+
+    def ours():
+        return model(**inputs, pixel_maps=True, logits_to_keep=1).anomaly_maps[0].flatten()
+
+    def eager_maps():
+        # The stock Qwen2.5-VL forward, as a user would run it to get attention weights.
+        out = Qwen2_5_VLForConditionalGeneration.forward(model, **inputs, output_attentions=True, logits_to_keep=1)
+        return model.anomaly_maps_from_attention_weights(out.attentions, inputs["input_ids"])[0]
+
+    run = eager_maps if eager else ours
+    with torch.inference_mode():
+        peak_mib, maps = peak_rss_increase(run)
+        seconds = median_seconds(run, repeats=args.repeats)
+    np.save(args.result + ".npy", maps.float().numpy())
+    Path(args.result).write_text(json.dumps({"peak_mib": peak_mib, "seconds": seconds}))
+
+
+def pixel_map(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = init_model(Path(tmp) / "bench", BENCH_PRESET)
+        results = {}
+        for variant in ("ours", "eager"):
+            result = str(Path(tmp) / variant)
+            subprocess.run([sys.executable, __file__, "pixel-map-worker", "--variant", variant, "--checkpoint",
+                            str(ckpt), "--result", result, "--shots", str(args.shots), "--image-size",
+                            str(args.image_size), "--repeats", str(args.repeats)], check=True)
+            results[variant] = json.loads(Path(result).read_text())
+            results[variant]["maps"] = np.load(result + ".npy")
+    diff = float(np.abs(results["ours"]["maps"] - results["eager"]["maps"]).max())
+    for variant in ("ours", "eager"):
+        r = results[variant]
+        print(f"{variant:5s}: median {r['seconds']:.3f} s, peak memory +{r['peak_mib']:.1f} MiB")
+    print(f"max |ours - eager| over the map: {diff:.2e}")
+    if diff > 1e-4:
+        raise SystemExit(f"maps differ by {diff:.2e} > 1e-4")
+    return {"bench": "pixel_map", "time_ratio": round(results["ours"]["seconds"] / results["eager"]["seconds"], 4),
+            "peak_mem_ratio": round(results["ours"]["peak_mib"] / results["eager"]["peak_mib"], 4)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    for name in ("compression", "pixel-map", "pixel-map-worker"):
+        p = sub.add_parser(name)
+        p.add_argument("--shots", type=int, default=4, help="normal exemplars before the query")
+        p.add_argument("--image-size", type=int, default=504, help="image side in pixels (504 -> 324 tokens)")
+        p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported) after one warm-up")
+        if name == "compression":
+            p.add_argument("--retention", type=float, default=0.2, help="exemplar token retention")
+        if name == "pixel-map-worker":
+            p.add_argument("--variant", choices=("ours", "eager"), required=True)
+            p.add_argument("--checkpoint", required=True)
+            p.add_argument("--result", required=True)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.bench == "pixel-map-worker":
+        return pixel_map_worker(args)
+    result = {"compression": compression, "pixel-map": pixel_map}[args.bench](args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
