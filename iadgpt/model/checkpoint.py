@@ -151,6 +151,22 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     def get_attributes(cls):
         return ["image_processor", "tokenizer"]
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save as a stock Qwen2.5-VL processor (image and video sections), loadable by AutoProcessor."""
+        result = super().save_pretrained(save_directory, **kwargs)
+        config_file = Path(save_directory) / "processor_config.json"
+        config = json.loads(config_file.read_text())
+        config["processor_class"] = "Qwen2_5_VLProcessor"
+        image = config["image_processor"]
+        config.setdefault("video_processor", {
+            "video_processor_type": "Qwen2VLVideoProcessor",
+            **{key: image[key] for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                                           "image_std", "do_convert_rgb", "do_normalize", "do_rescale",
+                                           "do_resize", "rescale_factor", "resample", "size") if key in image},
+        })
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return result
+
 
 def _is_local(name_or_path: str | os.PathLike) -> bool:
     return Path(name_or_path).exists() or str(name_or_path).startswith((".", "/", "~"))

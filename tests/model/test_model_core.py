@@ -50,6 +50,10 @@ def test_init_model_writes_a_real_qwen2_5_vl_checkpoint(tiny_checkpoint, tiny_pr
     assert config["model_type"] == "qwen2_5_vl"
     assert (tiny_checkpoint / "model.safetensors").is_file()
     assert not list(tiny_checkpoint.glob("*.bin"))
+    # Saved as a stock Qwen2.5-VL processor, so AutoProcessor loads it where torchvision works.
+    processor_config = json.loads((tiny_checkpoint / "processor_config.json").read_text())
+    assert processor_config["processor_class"] == "Qwen2_5_VLProcessor"
+    assert {"image_processor", "video_processor"} <= set(processor_config)
     # The stock transformers class loads it: same architecture, nothing custom needed.
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
     assert sum(p.numel() for p in plain.parameters()) < 1_000_000
