@@ -202,16 +202,20 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 inputs_embeds=None, labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
                 image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None,
                 logits_to_keep=0, mm_encoder_outputs=None, image_roles=None, compress_exemplars=None,
-                pixel_maps=None, pixel_masks=None, anomaly_word_mask=None, normal_word_mask=None, **kwargs):
+                pixel_maps=None, pixel_masks=None, anomaly_word_mask=None, normal_word_mask=None,
+                dummy_pixel_values=None, dummy_image_grid_thw=None, **kwargs):
         """Qwen2.5-VL's forward, plus:
 
         image_roles: `[num_images]` ROLE_EXEMPLAR / ROLE_QUERY / ROLE_OTHER per image in batch order
             (default: per sample, the last image is the query and the earlier ones are exemplars).
         compress_exemplars: None follows the settings (samples without exemplars are left alone);
             True requires every sample with images to have exemplars; False turns it off.
-        pixel_maps: compute the attention maps (default: when `pixel_masks` is given).
-        pixel_masks: per sample an `[H, W]` 0/1 defect mask or None (no pixel loss for that
-            sample); a `[B, H, W]` tensor means every sample has one.
+        pixel_maps: True computes the attention maps of every sample (each needs one query image
+            and an anomaly word after it); default: those of the samples with a `pixel_masks` entry.
+        pixel_masks: per sample an `[H, W]` 0/1 defect mask or None (no map and no pixel loss for
+            that sample); a `[B, H, W]` tensor means every sample has one.
+        dummy_pixel_values / dummy_image_grid_thw: a batch without images runs the vision tower on
+            this dummy image, times zero, so every rank runs the same modules (ZeRO-3 would hang).
         anomaly_word_mask / normal_word_mask: `[B, L]` bool word positions (default: found in
             `input_ids` from the configured words).
         """
@@ -223,7 +227,11 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             self._compacted_prefix = None
         compress = self.iadgpt.compress_exemplars if compress_exemplars is None else compress_exemplars
         compress = compress and self.iadgpt.exemplar_retention < 1.0
-        want_maps = pixel_masks is not None if pixel_maps is None else pixel_maps
+        if pixel_maps is None:
+            map_samples = [m is not None for m in pixel_masks] if pixel_masks is not None else []
+        else:
+            map_samples = [bool(pixel_maps)] * (input_ids.shape[0] if input_ids is not None else 1)
+        want_maps = any(map_samples)
         # generate() encodes the images before the prefill and passes them as `mm_encoder_outputs`.
         encoded_images = (mm_encoder_outputs or {}).get("image")
         has_images = pixel_values is not None or encoded_images is not None
@@ -237,7 +245,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
                 second_per_grid_ts=second_per_grid_ts, logits_to_keep=logits_to_keep,
                 mm_encoder_outputs=mm_encoder_outputs, **kwargs)
-            return IADGPTOutput(**out, lm_loss=out.loss)
+            return self._with_dummy_image(IADGPTOutput(**out, lm_loss=out.loss), dummy_pixel_values,
+                                          dummy_image_grid_thw)
         if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
             raise ValueError("Exemplar compression and pixel maps work on images; videos are not supported "
                              "together with them (pass compress_exemplars=False, pixel_maps=False).")
@@ -246,12 +255,19 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return self._inspect_forward(
             input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, encoded_images.pooler_output,
             image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress, compress_exemplars is True,
-            want_maps, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs)
+            map_samples if want_maps else None, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs)
+
+    def _with_dummy_image(self, output: IADGPTOutput, pixel_values, grid_thw) -> IADGPTOutput:
+        if pixel_values is not None and output.loss is not None:
+            dummy = self.model.visual(pixel_values.type(self.model.visual.dtype), grid_thw=grid_thw).pooler_output
+            output.loss = output.loss + 0.0 * dummy.sum()
+        return output
 
     def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
                          image_embeds, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress,
-                         strict_compression, want_maps, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs):
+                         strict_compression, map_samples, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs):
         cfg = self.config
+        want_maps = map_samples is not None
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -302,7 +318,9 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 raise ValueError(
                     f"Sample {b} has no normal exemplar image before its query image, but exemplar "
                     "compression was requested (compress_exemplars=True). Add exemplars or pass False.")
-            if want_maps:
+            if want_maps and not map_samples[b]:
+                query_grid.append(None)
+            elif want_maps:
                 if image_grid_thw is None:
                     raise ValueError("Pixel maps need image_grid_thw to know the query image's token grid.")
                 if len(queries) != 1:
@@ -316,7 +334,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         # 4. Word rows for the pixel maps: prompt words after the query image (they can attend to it).
         if want_maps:
             anomaly_rows, normal_rows = self._word_rows(input_ids, labels, query_end, anomaly_word_mask,
-                                                        normal_word_mask)
+                                                        normal_word_mask, map_samples)
 
         # 5. Run the language model on the kept tokens only.
         left_padded = bool(attention_mask[:, -1].all())
@@ -368,7 +386,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             self._attach_maps(result, request, query_grid, pixel_masks)
         return result
 
-    def _word_rows(self, input_ids, labels, query_end, anomaly_word_mask, normal_word_mask):
+    def _word_rows(self, input_ids, labels, query_end, anomaly_word_mask, normal_word_mask, map_samples=None):
         if anomaly_word_mask is None or normal_word_mask is None:
             if self.word_token_ids is None:
                 raise RuntimeError("Pixel maps need the word positions: call model.configure_words(tokenizer) "
@@ -379,11 +397,14 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             normal_word_mask = find_word_tokens(input_ids, self.word_token_ids["normal"])
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         usable = positions >= query_end[:, None]
+        if map_samples is not None:
+            usable &= torch.tensor(map_samples, device=input_ids.device)[:, None]
         if labels is not None:
             usable &= labels == -100  # prompt words, not the supervised answer
         anomaly = anomaly_word_mask.bool() & usable
         normal = normal_word_mask.bool() & usable & ~anomaly
-        missing = [b for b in range(input_ids.shape[0]) if not anomaly[b].any()]
+        wanted = map_samples if map_samples is not None else [True] * input_ids.shape[0]
+        missing = [b for b in range(input_ids.shape[0]) if wanted[b] and not anomaly[b].any()]
         if missing:
             raise ValueError(
                 f"Sample(s) {missing}: the prompt has no anomaly word after the query image, so there is no "
@@ -415,7 +436,12 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         normal = torch.stack([request.maps[n][1] for n in layers]).mean(0)
         has_normal = (request.row_valid & ~request.row_is_anomaly).any(-1)
         result.anomaly_maps, result.normal_maps, result.pixel_scores = [], [], []
-        for b, (h, w) in enumerate(grids):
+        for b, grid in enumerate(grids):
+            if grid is None:  # no map asked for this sample
+                for maps in (result.anomaly_maps, result.normal_maps, result.pixel_scores):
+                    maps.append(None)
+                continue
+            h, w = grid
             a = anomaly[b, : h * w].view(h, w)
             n = normal[b, : h * w].view(h, w)
             result.anomaly_maps.append(a)

@@ -346,3 +346,35 @@ def test_fusion_can_start_near_the_last_layer(tiny_checkpoint):
     model.model.visual.layer_fusion.logits.data.copy_(model.model.visual.layer_fusion.initial_logits())
     weights = model.model.visual.layer_fusion.layer_weights()
     torch.testing.assert_close(weights, torch.tensor([0.05, 0.05, 0.05, 0.85]))
+
+
+def test_maps_only_for_samples_with_masks_so_batches_can_mix_tasks(tiny_checkpoint, tiny_processor, random_image):
+    model = load_model(tiny_checkpoint)
+    detection = tiny_processor.apply_chat_template(
+        few_shot_messages(1, model.iadgpt.detection_question.text, answer="No"), tokenize=False)
+    caption = tiny_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this product."}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "A metal nut."}]}], tokenize=False)
+    tiny_processor.tokenizer.padding_side = "right"
+    inputs = tiny_processor(text=[detection, caption], images=[random_image(), random_image(), random_image()],
+                            return_tensors="pt", padding=True)
+    out = model(**inputs, pixel_masks=[torch.zeros(112, 112), None])
+    assert out.pixel_scores[1] is None and out.pixel_scores[0].shape == (4, 4)
+    assert out.focal_loss is not None and torch.equal(out.loss, out.focal_loss + out.dice_loss)
+
+
+def test_dummy_image_runs_the_vision_tower_without_changing_the_loss(tiny_checkpoint, tiny_processor, random_image):
+    model = load_model(tiny_checkpoint)
+    text = tiny_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "What is a scratch?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "A thin line of damage."}]}], tokenize=False)
+    inputs = tiny_processor(text=[text], return_tensors="pt")
+    labels = inputs["input_ids"].clone()
+    dummy = tiny_processor.image_processor(images=[random_image(56)], return_tensors="pt")
+    plain = model(**inputs, labels=labels)
+    with_dummy = model(**inputs, labels=labels, dummy_pixel_values=dummy["pixel_values"],
+                       dummy_image_grid_thw=dummy["image_grid_thw"])
+    torch.testing.assert_close(plain.loss, with_dummy.loss)
+    with_dummy.loss.backward()
+    patch_grad = model.model.visual.patch_embed.proj.weight.grad
+    assert patch_grad is not None and torch.count_nonzero(patch_grad) == 0
