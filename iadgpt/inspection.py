@@ -1,0 +1,119 @@
+"""The inspection API: a query image and k normal references in, score, heatmap and answer out.
+
+One forward pass gives both the image score (Yes/No logits) and the pixel map (attention rows);
+text generation runs only when asked. Queries are batched, left-padded, each with its own
+references, so a production line and a benchmark use the same call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .model.checkpoint import load_model, load_processor
+from .model.modeling_iadgpt import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY
+from .model.prompts import few_shot_messages
+from .model.settings import DetectionQuestion
+
+
+@dataclass
+class InspectionResult:
+    """What the model says about one query image."""
+
+    score: float
+    """Probability that the query is defective (softmax over the "Yes"/"No" answer logits)."""
+    anomaly_map: np.ndarray
+    """[H, W] float32 in [0, 1] at the query's own resolution: p(anomalous) per pixel."""
+    token_map: np.ndarray
+    """[h, w] the same on the model's visual-token grid (before resizing)."""
+    text: str | None = None
+    """The model's free-text answer, when asked for."""
+
+
+class Inspector:
+    """Batched few-shot inspection with one IADGPT checkpoint.
+
+    >>> inspector = Inspector.from_pretrained("runs/stage3")
+    >>> [result] = inspector.inspect([query], [[normal_a, normal_b]])
+    """
+
+    def __init__(self, model, processor, batch_size: int = 4, question: DetectionQuestion | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.batch_size = batch_size
+        self.question = question or model.iadgpt.detection_question
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype="auto", attn_implementation: str = "sdpa",
+                        iadgpt: dict | None = None, **kwargs) -> "Inspector":
+        processor = load_processor(name_or_path)
+        model = load_model(name_or_path, dtype=dtype, attn_implementation=attn_implementation, iadgpt=iadgpt,
+                           processor=processor)
+        return cls(model, processor, **kwargs)
+
+    def prompt(self, num_normals: int, num_abnormal: int = 0, question: str | None = None) -> str:
+        messages = few_shot_messages(num_normals, question or self.question.text,
+                                     num_abnormal_references=num_abnormal)
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def inspect(self, queries: list[Image.Image], normals: list[list[Image.Image]],
+                abnormal: list[list[Image.Image]] | None = None, with_text: bool = False,
+                max_new_tokens: int = 64) -> list[InspectionResult]:
+        """Score and map every query against its own normal references (and abnormal ones, as in NAGL).
+
+        `normals[i]` are the k normal images of query i's product (k may be 0); `abnormal[i]`
+        optional defective examples of the same product, shown between the normals and the query.
+        """
+        if len(normals) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(normals)} lists of normal references")
+        abnormal = abnormal or [[] for _ in queries]
+        results: list[InspectionResult] = []
+        for start in range(0, len(queries), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            results.extend(self._inspect_batch(queries[chunk], normals[chunk], abnormal[chunk], with_text,
+                                               max_new_tokens))
+        return results
+
+    def batch_inputs(self, queries, normals, abnormal):
+        texts, images, roles = [], [], []
+        for query, refs, bad in zip(queries, normals, abnormal, strict=True):
+            texts.append(self.prompt(len(refs), len(bad)))
+            images.extend([*refs, *bad, query])
+            roles.extend([ROLE_EXEMPLAR] * len(refs) + [ROLE_OTHER] * len(bad) + [ROLE_QUERY])
+        self.processor.tokenizer.padding_side = "left"  # the answer position is the last one of every row
+        inputs = self.processor(text=texts, images=[im.convert("RGB") for im in images], padding=True,
+                                return_tensors="pt")
+        inputs["image_roles"] = torch.tensor(roles)
+        return inputs.to(self.model.device)
+
+    def _inspect_batch(self, queries, normals, abnormal, with_text, max_new_tokens) -> list[InspectionResult]:
+        inputs = self.batch_inputs(queries, normals, abnormal)
+        out = self.model(**inputs, pixel_maps=True, logits_to_keep=1)
+        scores = self.model.image_anomaly_score(out.logits[:, -1]).tolist()
+        texts = [None] * len(queries)
+        if with_text:
+            generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+            texts = [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        results = []
+        for query, score, token_map, text in zip(queries, scores, out.pixel_scores, texts):
+            width, height = query.size
+            full = F.interpolate(token_map[None, None].float(), size=(height, width), mode="bilinear",
+                                 align_corners=False)[0, 0]
+            results.append(InspectionResult(score=score, anomaly_map=full.cpu().numpy().astype(np.float32),
+                                            token_map=token_map.float().cpu().numpy(), text=text))
+        return results
+
+
+def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The image with the map blended on top in a blue-to-red colour ramp (red = anomalous)."""
+    values = np.clip(anomaly_map, 0.0, 1.0)
+    ramp = np.stack([values, 1.0 - np.abs(values - 0.5) * 2, 1.0 - values], axis=-1)  # blue -> green -> red
+    colour = Image.fromarray((ramp * 255).astype(np.uint8)).resize(image.size)
+    return Image.blend(image.convert("RGB"), colour, alpha)

@@ -1,0 +1,85 @@
+"""Settings of one training stage (`configs/stage<N>.yaml`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class LoraSettings:
+    """Optional LoRA (peft) on the language model instead of full fine-tuning."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of the full weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module names that get adapters (matched inside the language model only)."""
+    merge: bool = True
+    """Merge the adapters into the weights when saving, so the output is a plain checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """One stage of IADGPT training. Defaults are the paper's stage-3 settings on 8 H100s."""
+
+    stage: int = 3
+    """1 industrial knowledge, 2 discrepancy awareness, 3 few-shot detection/localization/reasoning."""
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    """Starting checkpoint: the previous stage's output folder, a local Qwen2.5-VL folder or a hub name."""
+    data: str = "data/stage3"
+    """Stage folder written by data_builders/ (info.json + JSONL shards)."""
+    output_dir: str = "runs/stage3"
+    """Where the final checkpoint, metrics.jsonl, TensorBoard logs and resumable checkpoints go."""
+    learning_rate: float = 2e-6
+    """Peak learning rate of AdamW (paper: 1e-5, 1e-5, 2e-6 for stages 1-3)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up, before the cosine decay."""
+    global_batch_size: int = 32
+    """Samples per optimizer step over all processes (paper: 64, 32, 32); the gradient accumulation
+    steps follow from it and the per-device batch size."""
+    per_device_batch_size: int = 1
+    """Samples per process per forward pass."""
+    epochs: float = 1.0
+    """Passes over the data (paper: 3, 1, 1)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs when set)."""
+    max_minutes: float | None = None
+    """Stop (and save) after this much wall time."""
+    freeze_vision: bool = True
+    """Freeze the vision encoder (paper: stage 3 only). The merger and fusion weights stay trainable
+    unless `freeze_merger` is set."""
+    freeze_merger: bool = False
+    """With freeze_vision, also freeze the patch merger and the fusion weights."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """Weights/compute dtype; on a CPU run use "no"."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (non-reentrant, so the pixel loss keeps its gradients)."""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """Attention kernel of both towers; flash_attention_2 needs the `gpu` extra."""
+    max_length: int = 8192
+    """Records longer than this many tokens are skipped and reported (never cut inside an image)."""
+    iadgpt: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the model's IADGPT settings (e.g. exemplar_retention, pixel_loss_weight)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA instead of full fine-tuning."""
+    save_every: int = 500
+    """Write a resumable checkpoint every this many optimizer steps."""
+    keep_checkpoints: int = 2
+    """How many resumable checkpoints to keep."""
+    log_every: int = 1
+    """Log the loss parts every this many optimizer steps."""
+    seed: int = 0
+    """Seeds the data order, initialisation of new weights and dropout."""
+    num_workers: int = 2
+    """DataLoader worker processes (images are decoded there)."""
+    pixel_loss_on_normals: bool = True
+    """Normal query images get an all-zero mask in the pixel loss."""

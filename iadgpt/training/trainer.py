@@ -1,0 +1,362 @@
+"""The pieces of the training recipe: accelerator, model, data, optimizer, checkpoints, logging.
+
+`train/train.py` strings them together; this module keeps each piece small and testable. Runs are
+launched with `accelerate launch` (DeepSpeed ZeRO-2/3 on GPUs, or 2 CPU processes over gloo in the
+tests); nothing here is a home-made distributed layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.records import StageInfo, TrainingRecord, read_records
+from ..model.checkpoint import check_checkpoint, load_model, load_processor
+from .collator import RecordCollator, record_length
+from .config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingSetupError(ValueError):
+    """Something is wrong before any heavy work: a path, a record, the launch configuration."""
+
+
+# -- accelerator ---------------------------------------------------------------------------------
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    check_launch_matches_machine()
+    per_step = cfg.per_device_batch_size * world_size()
+    if cfg.global_batch_size % per_step:
+        raise TrainingSetupError(
+            f"global_batch_size={cfg.global_batch_size} is not a multiple of per_device_batch_size "
+            f"({cfg.per_device_batch_size}) x processes ({world_size()}).")
+    # On CPU the process group must be gloo, or every rank believes it is rank 0 of 1.
+    distributed_cpu = world_size() > 1 and not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.global_batch_size // per_step,
+        mixed_precision=None if _deepspeed_launch() else cfg.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tb")),
+        kwargs_handlers=handlers,
+    )
+    return accelerator
+
+
+def _deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def check_launch_matches_machine() -> None:
+    """A GPU launch configuration on a machine without GPUs fails here, not deep inside a library."""
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        return
+    ds_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    asks_gpu = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16") and world_size() > 1
+    if ds_config and Path(ds_config).is_file():
+        ds = json.loads(Path(ds_config).read_text())
+        asks_gpu = asks_gpu or _enabled(ds.get("bf16")) or _enabled(ds.get("fp16"))
+    if asks_gpu:
+        raise TrainingSetupError(
+            "This launch configuration asks for GPUs (bf16/fp16 under DeepSpeed or several GPU processes), but no "
+            "CUDA device is visible. On a CPU machine use configs/accelerate/cpu_2proc_zero2.yaml (or zero3).")
+
+
+def _enabled(section) -> bool:
+    return isinstance(section, dict) and section.get("enabled") is True
+
+
+# -- data ----------------------------------------------------------------------------------------
+class RecordList(Dataset):
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index]
+
+
+def load_stage_data(cfg: TrainConfig, processor, main_process: bool) -> tuple[StageInfo, RecordList, dict]:
+    """Read the stage's records, check their images exist and drop (and report) over-long ones."""
+    folder = Path(cfg.data)
+    if not folder.is_dir():
+        raise TrainingSetupError(f"data folder {folder} does not exist; build it with data_builders/stage{cfg.stage}.py")
+    info = StageInfo.read(folder)
+    kept, report = [], {"records": 0, "too_long": [], "longest": 0}
+    for record in read_records(folder):
+        report["records"] += 1
+        for path in [*record.images, *([record.mask] if record.mask else [])]:
+            if not info.image_path(record, path).is_file():
+                raise TrainingSetupError(f"record {record.id} references {info.image_path(record, path)}, "
+                                         "which does not exist")
+        length = record_length(processor, record, info)
+        report["longest"] = max(report["longest"], length)
+        if length > cfg.max_length:
+            report["too_long"].append(record.id)
+            continue
+        kept.append(_as_row(record))
+    if not kept:
+        raise TrainingSetupError(f"{folder}: no record fits max_length={cfg.max_length} "
+                                 f"({report['records']} records, longest {report['longest']} tokens)")
+    if report["too_long"] and main_process:
+        print(f"Skipped {len(report['too_long'])} of {report['records']} records longer than max_length="
+              f"{cfg.max_length} tokens (first: {report['too_long'][:5]}); raise max_length to keep them.")
+    return info, RecordList(kept), report
+
+
+def _as_row(record: TrainingRecord) -> dict:
+    return json.loads(record.to_json())
+
+
+def epoch_order(num_records: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_records, generator=generator).tolist()
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    def __init__(self, num_records: int, seed: int):
+        self.num_records, self.seed, self.epoch = num_records, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(epoch_order(self.num_records, self.seed, self.epoch))
+
+    def __len__(self) -> int:
+        return self.num_records
+
+
+def build_dataloader(cfg: TrainConfig, dataset: RecordList, collator: RecordCollator) -> DataLoader:
+    return DataLoader(dataset, batch_size=cfg.per_device_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
+                      collate_fn=collator, num_workers=cfg.num_workers, drop_last=False,
+                      persistent_workers=cfg.num_workers > 0)
+
+
+# -- model ---------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, main_process: bool):
+    try:
+        check_checkpoint(cfg.model)
+    except FileNotFoundError as err:
+        hint = f" (the output of stage {cfg.stage - 1}? run it first)" if cfg.stage > 1 else ""
+        raise TrainingSetupError(f"model {cfg.model} does not exist{hint}") from err
+    processor = load_processor(cfg.model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    dtype = torch.float32 if not torch.cuda.is_available() else dtype
+    model = load_model(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation, iadgpt=cfg.iadgpt,
+                       processor=processor)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: the attention-map hooks run inside checkpointed layers and must keep gradients.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.freeze_vision:
+        freeze_vision_encoder(model, keep_merger=not cfg.freeze_merger)
+    if cfg.lora.enabled:
+        if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+            raise TrainingSetupError("LoRA is supported under DeepSpeed ZeRO-2 (or without DeepSpeed); ZeRO-3 "
+                                     "partitions the weights the adapters are merged into. Use a zero2 config.")
+        model = add_lora(model, cfg)
+    if main_process:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"Model {cfg.model}: {total / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable")
+    return model, processor
+
+
+def freeze_vision_encoder(model, keep_merger: bool = True) -> None:
+    visual = model.model.visual
+    for name, param in visual.named_parameters():
+        trainable = keep_merger and (name.startswith("merger.") or name.startswith("layer_fusion."))
+        param.requires_grad_(trainable)
+
+
+def add_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    # Adapters only inside the language model: a regex over module names.
+    targets = "|".join(cfg.lora.target_modules)
+    config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                        target_modules=rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({targets})")
+    peft_model = get_peft_model(model, config)
+    # The fusion weights are IADGPT's own: keep them trainable beside the adapters.
+    fusion = getattr(peft_model.base_model.model.model.visual, "layer_fusion", None)
+    if fusion is not None and not cfg.freeze_vision:
+        fusion.logits.requires_grad_(True)
+    return peft_model
+
+
+def build_optimizer(cfg: TrainConfig, model, total_steps: int, num_processes: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # accelerate steps a prepared scheduler once per process at every optimizer step, so the
+    # schedule is laid out over steps x processes to keep the same shape on any number of GPUs.
+    ticks = total_steps * num_processes
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * ticks), ticks)
+    return optimizer, scheduler
+
+
+def weights_fingerprint(accelerator: Accelerator, model) -> list[float]:
+    """Per rank, a checksum of the full weights (gathered one parameter at a time under ZeRO-3):
+    after a step every rank must hold the same model."""
+    unwrapped = accelerator.unwrap_model(model)
+    total = 0.0
+    for param in unwrapped.parameters():
+        if hasattr(param, "ds_id"):  # a ZeRO-3 partition: gather this one parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                total += float(param.detach().double().abs().sum())
+        else:
+            total += float(param.detach().double().abs().sum())
+    from accelerate.utils import gather_object
+
+    return gather_object([total])
+
+
+def fault_injection(step: int) -> None:
+    """Test hook: IADGPT_FAULT_AFTER_STEP=N kills the process (SIGKILL, no cleanup) after step N."""
+    if os.environ.get("IADGPT_FAULT_AFTER_STEP") == str(step):
+        os.kill(os.getpid(), 9)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir) / CHECKPOINTS
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "trainer_state.json").is_file())
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: dict) -> Path:
+    """Save a resumable checkpoint; a crash mid-write leaves only a `.tmp` folder, never a broken one."""
+    root = Path(cfg.output_dir) / CHECKPOINTS
+    final = root / f"step-{state['step']:07d}"
+    tmp = root / (final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the commit point
+        for old in checkpoint_dirs(cfg.output_dir)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_latest_checkpoint(accelerator: Accelerator, cfg: TrainConfig) -> dict | None:
+    found = checkpoint_dirs(cfg.output_dir)
+    if not found:
+        return None
+    latest = found[-1]
+    accelerator.load_state(str(latest))
+    return json.loads((latest / "trainer_state.json").read_text())
+
+
+def save_final_model(accelerator: Accelerator, cfg: TrainConfig, model, processor) -> Path:
+    out = Path(cfg.output_dir)
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.lora.enabled and cfg.lora.merge:
+            # A plain checkpoint: the adapters folded into the weights they adapt.
+            unwrapped = unwrapped.merge_and_unload()
+            state_dict = unwrapped.state_dict()
+        # With LoRA and merge=false this writes the adapter only (load it with peft on the base model).
+        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        processor.save_pretrained(out)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    accelerator.wait_for_everyone()
+    return out
+
+
+# -- what users watch ----------------------------------------------------------------------------
+class MetricsLog:
+    """One JSON line per logged optimizer step in `metrics.jsonl` (main process), and TensorBoard."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, resume: bool):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not resume and self.path.exists():
+                self.path.unlink()
+
+    def log(self, step: int, values: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+
+class StepMeter:
+    """Averages the loss parts over the micro-batches of one optimizer step and across processes."""
+
+    PARTS = ("loss", "lm_loss", "focal_loss", "dice_loss")
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.PARTS) * 2)
+        self.samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, output, batch_size: int) -> None:
+        for i, part in enumerate(self.PARTS):
+            value = getattr(output, part, None)
+            if value is not None:
+                self.sums[2 * i] += float(value.detach())
+                self.sums[2 * i + 1] += 1
+        self.samples += batch_size
+
+    def result(self) -> dict:
+        sums = self.accelerator.reduce(self.sums.to(self.accelerator.device), reduction="sum").cpu()
+        samples = self.accelerator.reduce(torch.tensor(float(self.samples), device=self.accelerator.device),
+                                          reduction="sum").item()
+        values = {part: (sums[2 * i] / sums[2 * i + 1]).item() for i, part in enumerate(self.PARTS)
+                  if sums[2 * i + 1] > 0}
+        values["samples_per_s"] = samples / max(time.perf_counter() - self.start, 1e-9)
+        return values
+
+
+def token_estimate(processor, settings, image_sizes=((448, 448), (1024, 1024)), shots=(0, 1, 2, 4),
+                   prompt_tokens: int = 80) -> list[dict]:
+    """Tokens per stage-3 sample by shot count and resolution, with and without exemplar compression."""
+    image_processor = processor.image_processor
+    merge = image_processor.merge_size ** 2
+    rows = []
+    for height, width in image_sizes:
+        per_image = image_processor.get_number_of_image_patches(height, width, {}) // merge
+        kept = max(1, int(settings.exemplar_retention * per_image + 1e-9))
+        for k in shots:
+            full = prompt_tokens + (k + 1) * per_image
+            compressed = prompt_tokens + per_image + (per_image if k else 0) + max(k - 1, 0) * kept
+            rows.append({"image": f"{height}x{width}", "shots": k, "tokens": full,
+                         "tokens_compressed": compressed if settings.compress_exemplars else full})
+    return rows

@@ -1,0 +1,142 @@
+"""The training recipe end to end: single process, resume after a kill, DeepSpeed on 2 CPU processes,
+stage chaining, the frozen vision encoder and LoRA merging."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from toy_stages import write_caption_stage, write_odd_one_out_stage, write_stage
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = ["learning_rate=1.0e-3", "global_batch_size=4", "mixed_precision=no", "gradient_checkpointing=false",
+        "num_workers=0", "warmup_ratio=0.0", "save_every=2"]
+
+
+def run_train(config_overrides, launcher=None, env=None, check=True, resume=False):
+    command = [sys.executable, str(REPO / "train" / "train.py")]
+    if launcher:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(REPO / "configs" / "accelerate" / launcher), str(REPO / "train" / "train.py")]
+    command += ["--config", str(REPO / "configs" / "stage3.yaml"), *BASE, *config_overrides]
+    if resume:
+        command.append("--resume")
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                            timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def losses(output_dir):
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}  # a resumed step overwrites its lost first try
+
+
+def test_killed_run_resumes_to_the_same_losses_and_weights(tiny_checkpoint, toy_stage, tmp_path):
+    common = [f"model={tiny_checkpoint}", f"data={toy_stage}", "max_steps=6", "per_device_batch_size=2",
+              "freeze_vision=false"]
+    run_train([*common, f"output_dir={tmp_path / 'straight'}"])
+    straight = losses(tmp_path / "straight")
+    assert straight[6] < straight[1] - 0.5  # it learns
+
+    killed = run_train([*common, f"output_dir={tmp_path / 'killed'}"], env={"IADGPT_FAULT_AFTER_STEP": "5"},
+                       check=False)
+    assert killed.returncode == -9
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-0000002",
+                                                                                       "step-0000004"]
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    run_train([*common, f"output_dir={tmp_path / 'killed'}"], resume=True)
+    resumed = losses(tmp_path / "killed")
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_on_two_cpu_processes(tiny_checkpoint, toy_stage, tmp_path, zero):
+    out = tmp_path / f"zero{zero}"
+    run_train([f"model={tiny_checkpoint}", f"data={toy_stage}", f"output_dir={out}", "max_steps=6",
+               "per_device_batch_size=1", "freeze_vision=false"], launcher=f"cpu_2proc_zero{zero}.yaml")
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["ranks_hold_equal_weights"], summary
+    curve = losses(out)
+    assert curve[6] < curve[1] - 0.5
+    # The saved folder is a normal checkpoint the next stage loads.
+    from iadgpt.model import load_model
+
+    assert load_model(out).iadgpt.exemplar_retention == 0.2
+
+
+def test_stages_chain_and_stage3_leaves_the_vision_encoder_unchanged(tiny_checkpoint, tmp_path):
+    images = tmp_path / "images"
+    write_caption_stage(tmp_path / "stage1", images)
+    write_odd_one_out_stage(tmp_path / "stage2", images)
+    write_stage(tmp_path / "stage3", tmp_path / "images3", num_records=8)
+    previous = tiny_checkpoint
+    for stage in (1, 2, 3):
+        run_train([f"stage={stage}", f"model={previous}", f"data={tmp_path / f'stage{stage}'}",
+                   f"output_dir={tmp_path / f'out{stage}'}", "max_steps=2", "per_device_batch_size=2",
+                   f"freeze_vision={'true' if stage == 3 else 'false'}"])
+        previous = tmp_path / f"out{stage}"
+    before, after = load_file(tmp_path / "out2" / "model.safetensors"), load_file(tmp_path / "out3" / "model.safetensors")
+    vision = [k for k in before if k.startswith("visual.") and not k.startswith(("visual.merger", "visual.layer_fusion"))]
+    assert vision
+    for key in vision:
+        assert torch.equal(before[key], after[key]), key
+    changed = [k for k in before if not k.startswith("visual.") and not torch.equal(before[k], after[k])]
+    assert changed  # the language model did train
+    # Stage 1 and 2 trained the vision tower.
+    first = load_file(tmp_path / "out1" / "model.safetensors")
+    assert any(not torch.equal(first[k], before[k]) for k in vision)
+
+
+def test_missing_previous_stage_and_unknown_key_fail_before_training(tmp_path, toy_stage):
+    result = run_train([f"model={tmp_path / 'out2'}", f"data={toy_stage}", f"output_dir={tmp_path / 'o'}"],
+                       check=False)
+    assert result.returncode != 0
+    assert "does not exist (the output of stage 2? run it first)" in result.stderr
+    result = run_train(["learning_rat=1e-5"], check=False)
+    assert "unknown key 'learning_rat'; did you mean 'learning_rate'" in result.stderr
+
+
+def test_lora_training_merges_into_a_plain_checkpoint_with_the_same_outputs(tiny_checkpoint, toy_stage, tmp_path,
+                                                                            tiny_processor, random_image):
+    common = [f"model={tiny_checkpoint}", f"data={toy_stage}", "max_steps=3", "per_device_batch_size=2",
+              "lora.enabled=true", "lora.r=4", "learning_rate=1.0e-2"]
+    run_train([*common, f"output_dir={tmp_path / 'merged'}"])
+    run_train([*common, f"output_dir={tmp_path / 'adapter'}", "lora.merge=false"])
+    from peft import PeftModel
+
+    from iadgpt.model import detection_inputs, load_model
+
+    merged = load_model(tmp_path / "merged").eval()
+    unmerged = PeftModel.from_pretrained(load_model(tiny_checkpoint), tmp_path / "adapter").eval()
+    base = load_model(tiny_checkpoint).eval()
+    inputs = detection_inputs(tiny_processor, [[random_image(), random_image()]], [random_image()])
+    with torch.no_grad():
+        a, b, c = merged(**inputs).logits, unmerged(**inputs).logits, base(**inputs).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert (a - c).abs().max() > 1e-3  # the adapters did learn something
+
+
+def test_gpu_launch_config_on_a_cpu_machine_is_refused(monkeypatch):
+    from iadgpt.training.trainer import TrainingSetupError, check_launch_matches_machine
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(TrainingSetupError, match="asks for GPUs .* but no CUDA device is visible"):
+        check_launch_matches_machine()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    check_launch_matches_machine()
