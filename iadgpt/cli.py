@@ -3,34 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+# sub-command -> (module with add_arguments(parser) and run(args), one-line help)
+COMMANDS = {
+    "init-model": ("iadgpt.model.cli", "write a random-weight Qwen2.5-VL checkpoint of a preset size (offline)"),
+    "make-synthetic": ("iadgpt.data.factory", "draw a synthetic industrial dataset (MVTec-AD layout, captions)"),
+    "inspect": ("iadgpt.evaluation.inspect_cli", "score query images against normal references, write heatmaps"),
+    "chat": ("iadgpt.chat", "talk with the model about a query image and its normal references"),
+}
 
-def _init_model(args: argparse.Namespace) -> None:
-    from .model.checkpoint import PRESETS, init_model
 
-    if args.preset not in PRESETS:
-        raise SystemExit(f"iadgpt init-model: unknown preset {args.preset!r}; allowed: {', '.join(sorted(PRESETS))}")
-    out = init_model(args.out, args.preset, seed=args.seed)
-    print(f"Wrote a random-weight Qwen2.5-VL ({args.preset}) IADGPT checkpoint to {out}")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iadgpt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("init-model", help="write a random-weight Qwen2.5-VL checkpoint of a preset size (offline)")
-    p.add_argument("out", help="output folder (a Hugging Face checkpoint)")
-    p.add_argument("--preset", default="tiny", help="tiny (unit tests, <1M params) or small (demo learner)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    p.set_defaults(func=_init_model)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the module of the command being run
+            module = importlib.import_module(module)
+            module.add_arguments(command)
+            command.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.func(args)
-    return 0
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    result = args.run(args)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,401 @@
+"""Stage builders: datasets on disk in, training records (JSONL shards) out.
+
+Each builder is a generator of `TrainingRecord`s written by `ShardWriter`, so memory stays flat
+as the data grows (only image *paths* are indexed, images are opened one record at a time), a
+crashed build resumes at its last finished shard, and every record is drawn from a generator
+seeded by (seed, stage, record index): the same seed gives the same records.
+
+Leakage: images of a declared benchmark test split (`benchmark_test`) are removed from every pool
+before drawing and checked again on every record written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import tasks
+from .readers import open_dataset
+from .records import ShardWriter, StageInfo, TrainingRecord, read_records
+from .samples import DataError, Sample, load_image, load_mask
+from .synthesis import cutpaste_patch, cutpaste_scar, foreground_mask, perlin_blend
+from ..model.settings import DetectionQuestion
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A dataset on disk: `name=kind:root` on the command line (name defaults to the folder name)."""
+
+    name: str
+    kind: str
+    root: Path
+
+    @classmethod
+    def parse(cls, text: str) -> "DatasetSource":
+        name, _, rest = text.rpartition("=") if "=" in text.split(":", 1)[0] else ("", "", text)
+        kind, sep, root = rest.partition(":")
+        if not sep or not kind or not root:
+            raise ValueError(f"dataset {text!r} is not of the form [name=]kind:root, e.g. mvtec:/data/mvtec_ad")
+        root_path = Path(root).expanduser().resolve()
+        return cls(name=name or root_path.name, kind=kind, root=root_path)
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.root))
+
+
+@dataclass
+class CategoryPool:
+    """The images of one category, by role: exemplar normals and queries (normal / anomalous)."""
+
+    source: DatasetSource
+    category: str
+    train_normals: list[Sample] = field(default_factory=list)
+    test_normals: list[Sample] = field(default_factory=list)
+    anomalies: list[Sample] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.source.name}/{self.category}"
+
+
+def index_sources(sources: Sequence[DatasetSource], benchmark_test: set[Path] = frozenset(),
+                  categories: set[str] | None = None) -> list[CategoryPool]:
+    """Index every source by category (paths only), leaving out the benchmark's test images."""
+    pools: dict[tuple[str, str], CategoryPool] = {}
+    for source in sources:
+        reader = open_dataset(source.kind, source.root)
+        for sample in reader.samples():
+            if categories is not None and sample.category not in categories:
+                continue
+            if Path(sample.image_path).resolve() in benchmark_test:
+                continue
+            pool = pools.setdefault((source.name, sample.category), CategoryPool(source, sample.category))
+            if not sample.is_anomalous:
+                (pool.train_normals if sample.split == "train" else pool.test_normals).append(sample)
+            elif sample.mask_path is not None:
+                pool.anomalies.append(sample)
+    if not pools:
+        raise DataError(f"no images found in {[str(s.root) for s in sources]}")
+    return [pools[key] for key in sorted(pools)]
+
+
+def benchmark_test_images(sources: Sequence[DatasetSource]) -> set[Path]:
+    """All test-split images of the declared benchmark datasets (resolved paths)."""
+    images = set()
+    for source in sources:
+        for sample in open_dataset(source.kind, source.root).samples(split="test"):
+            images.add(Path(sample.image_path).resolve())
+    return images
+
+
+def record_rng(seed: int, stage: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stage, index])
+
+
+def pick(rng: np.random.Generator, items: Sequence, count: int = 1, exclude: Sample | None = None) -> list:
+    candidates = [item for item in items if item is not exclude]
+    if len(candidates) < count:
+        raise DataError(f"need {count} images but only {len(candidates)} are available")
+    return [candidates[i] for i in rng.choice(len(candidates), size=count, replace=False)]
+
+
+class LeakGuard:
+    """Refuses any record that names a benchmark test image (a second line of defence)."""
+
+    def __init__(self, benchmark_test: set[Path], info: StageInfo):
+        self.benchmark_test, self.info = benchmark_test, info
+
+    def check(self, record: TrainingRecord) -> TrainingRecord:
+        if self.benchmark_test:
+            for path in record.images:
+                if self.info.image_path(record, path).resolve() in self.benchmark_test:
+                    raise DataError(f"record {record.id} uses benchmark test image {path}: refusing to leak it")
+        return record
+
+
+# -- stage 1: captions ---------------------------------------------------------------------------
+def caption_lines(captions_file: Path) -> Iterator[tuple[int, dict]]:
+    with Path(captions_file).open() as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{captions_file}:{line_number}: malformed JSON ({err.msg})") from err
+            if not isinstance(item, dict) or not item.get("image") or not item.get("caption"):
+                raise DataError(f"{captions_file}:{line_number}: needs 'image' and 'caption'")
+            yield line_number, item
+
+
+def stage1_records(caption_files: Sequence[tuple[str, Path]], seed: int,
+                   benchmark_test: set[Path] = frozenset(), roots: dict[str, str] | None = None
+                   ) -> Iterator[TrainingRecord]:
+    """One caption record per (image, caption) line; `caption_files` are (root name, captions.jsonl)."""
+    index = 0
+    for root_name, captions_file in caption_files:
+        root = Path(roots[root_name]) if roots else Path(captions_file).parent
+        for line_number, item in caption_lines(captions_file):
+            if (root / item["image"]).resolve() in benchmark_test:
+                continue
+            rng = record_rng(seed, 1, index)
+            question = tasks.CAPTION_QUESTIONS[int(rng.integers(len(tasks.CAPTION_QUESTIONS)))]
+            yield TrainingRecord(
+                id=f"s1-{index:08d}", task="caption", root=root_name, images=[item["image"]], image_roles=["other"],
+                messages=tasks.caption_messages(question, item["caption"]), source=f"{captions_file}:{line_number}")
+            index += 1
+
+
+# -- stage 2: discrepancy awareness --------------------------------------------------------------
+SYNTHETIC_KINDS = ("cutpaste", "scar", "texture_blend")
+
+
+@dataclass
+class Stage2Options:
+    """How many of each discrepancy task, and how defects are made."""
+
+    records: int = 1000
+    """Records to draw (tasks in turn: odd one out, difference regions, irregular region)."""
+    group_size: int = 4
+    """Images per odd-one-out group."""
+    synthetic_fraction: float = 0.5
+    """Share of defects made by synthesis (CutPaste / scar / Perlin blend) from normals; the rest
+    are real anomalies with masks, where a category has them."""
+    negative_fraction: float = 0.25
+    """Share of difference / irregular-region records with nothing to find."""
+    resize: tasks.ResizeRule = field(default_factory=tasks.ResizeRule)
+    """The target processor's resizing, for box coordinates."""
+
+
+class SyntheticDefects:
+    """Makes a defect on a normal image and stores image + mask under the stage folder."""
+
+    def __init__(self, folder: Path, pools: list[CategoryPool]):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.texture_pool = [s for pool in pools for s in pool.train_normals[:4]]
+
+    def make(self, name: str, normal: Sample, rng: np.random.Generator) -> tuple[str, str, str]:
+        """(image path, mask path, kind), relative to the synthetic root; reused when already on disk."""
+        kind = SYNTHETIC_KINDS[int(rng.integers(len(SYNTHETIC_KINDS)))]
+        image_rel, mask_rel = f"{name}.png", f"{name}_mask.png"
+        texture_choice = int(rng.integers(max(len(self.texture_pool), 1)))
+        if (self.folder / image_rel).is_file() and (self.folder / mask_rel).is_file():
+            return image_rel, mask_rel, kind  # a resumed build: made before the crash
+        image = load_image(normal.image_path)
+        for _ in range(5):
+            if kind == "cutpaste":
+                result, mask = cutpaste_patch(image, rng)
+            elif kind == "scar":
+                result, mask = cutpaste_scar(image, rng)
+            else:
+                texture = load_image(self.texture_pool[texture_choice].image_path).resize(image.size)
+                result, mask = perlin_blend(image, texture, rng, foreground=foreground_mask(image))
+            if mask.any():
+                break
+        else:
+            raise DataError(f"could not synthesise a visible defect on {normal.image_path}")
+        tmp = self.folder / (image_rel + ".tmp.png")
+        result.save(tmp)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(self.folder / mask_rel)
+        os.replace(tmp, self.folder / image_rel)
+        return image_rel, mask_rel, kind
+
+
+def _defect(pool: CategoryPool, synth: SyntheticDefects, rng: np.random.Generator, name: str,
+            options: Stage2Options, base: Sample | None = None):
+    """(root, image, mask, defect type): a real anomaly or a synthetic one made from a normal."""
+    if base is None and pool.anomalies and rng.random() >= options.synthetic_fraction:
+        real = pick(rng, pool.anomalies)[0]
+        return pool.source.name, pool.source.relative(real.image_path), pool.source.relative(real.mask_path), real.defect_type
+    base = base or pick(rng, pool.train_normals)[0]
+    image, mask, kind = synth.make(name, base, rng)
+    return "synthetic", image, mask, kind
+
+
+def stage2_records(pools: list[CategoryPool], synth: SyntheticDefects, options: Stage2Options, seed: int
+                   ) -> Iterator[TrainingRecord]:
+    usable = [p for p in pools if len(p.train_normals) >= options.group_size]
+    if not usable:
+        raise DataError(f"stage 2 needs categories with at least {options.group_size} normal training images")
+    for index in range(options.records):
+        rng = record_rng(seed, 2, index)
+        pool = usable[int(rng.integers(len(usable)))]
+        src = pool.source
+        task = ("odd_one_out", "difference_regions", "irregular_region")[index % 3]
+        rid = f"s2-{index:08d}"
+        if task == "odd_one_out":
+            normals = pick(rng, pool.train_normals, options.group_size - 1)
+            root, image, mask, kind = _defect(pool, synth, rng, rid, options)
+            odd = int(rng.integers(options.group_size))
+            images = [(src.name, src.relative(n.image_path)) for n in normals]
+            images.insert(odd, (root, image))
+            yield _multi_root_record(rid, task, images, ["other"] * options.group_size,
+                                     tasks.odd_one_out_messages(options.group_size, odd, kind), pool, kind)
+        elif task == "difference_regions":
+            first = pick(rng, pool.train_normals)[0]
+            if rng.random() < options.negative_fraction:
+                images, boxes, kind = [(src.name, src.relative(first.image_path))] * 2, [], "none"
+            else:
+                _, image, mask, kind = _defect(pool, synth, rng, rid, options, base=first)
+                boxes = _boxes("synthetic", image, mask, synth.folder, kind, options)
+                images = [(src.name, src.relative(first.image_path)), ("synthetic", image)]
+            yield _multi_root_record(rid, task, images, ["other", "other"], tasks.difference_messages(boxes), pool, kind)
+        else:
+            if rng.random() < options.negative_fraction:
+                normal = pick(rng, pool.train_normals)[0]
+                images, boxes, kind = [(src.name, src.relative(normal.image_path))], [], "none"
+            else:
+                root, image, mask, kind = _defect(pool, synth, rng, rid, options)
+                folder = synth.folder if root == "synthetic" else src.root
+                boxes = _boxes(root, image, mask, folder, kind, options)
+                images = [(root, image)]
+            yield _multi_root_record(rid, task, images, ["other"], tasks.irregular_region_messages(boxes), pool, kind)
+
+
+def _boxes(root: str, image: str, mask: str, folder: Path, kind: str, options: Stage2Options) -> list[dict]:
+    with Image.open(folder / image) as im:
+        size = im.size
+    return tasks.mask_boxes(load_mask(folder / mask, size), options.resize, tasks.readable(kind))
+
+
+def _multi_root_record(rid, task, images, roles, messages, pool, kind) -> TrainingRecord:
+    """Records name one root; images from the synthetic folder are reached through it by '../'."""
+    roots = {root for root, _ in images}
+    if len(roots) == 1:
+        root = roots.pop()
+        paths = [path for _, path in images]
+    else:  # a source image next to a synthetic one: address both from the synthetic root's parent
+        root = "stage"
+        paths = [f"{'synthetic' if r == 'synthetic' else 'sources/' + r}/{p}" for r, p in images]
+    return TrainingRecord(id=rid, task=task, root=root, images=paths, image_roles=roles, messages=messages,
+                          category=pool.category, source=pool.key, meta={"defect": kind})
+
+
+# -- stage 3: few-shot detection, localization, reasoning ----------------------------------------
+@dataclass
+class Stage3Options:
+    records: int = 1000
+    """Records to draw."""
+    shots: tuple[int, ...] = (1, 2, 4)
+    """Numbers of normal exemplars, used in turn (paper: 1, 2, 4)."""
+    anomalous_fraction: float = 0.5
+    """Share of defective queries."""
+    localization_fraction: float = 0.25
+    """Share of defective queries asked "where" instead of "whether"."""
+    reasoning_fraction: float = 0.15
+    """Share of defective queries asked to describe the defect (answered with its caption)."""
+    abnormal_references: int = 0
+    """Defective examples of the same product shown after the normals (NAGL-style); 0: none."""
+    question: DetectionQuestion = field(default_factory=DetectionQuestion)
+    """The detection question (the model's, so training matches inference)."""
+    resize: tasks.ResizeRule = field(default_factory=tasks.ResizeRule)
+    """The target processor's resizing, for box coordinates."""
+
+
+def stage3_records(pools: list[CategoryPool], options: Stage3Options, seed: int,
+                   captions: dict[Path, str] | None = None) -> Iterator[TrainingRecord]:
+    need = max(options.shots) + 1
+    usable = [p for p in pools if len(p.train_normals) + len(p.test_normals) >= need and p.anomalies]
+    if not usable:
+        raise DataError(f"stage 3 needs categories with at least {need} normal images and some anomalies with masks")
+    captions = captions or {}
+    for index in range(options.records):
+        rng = record_rng(seed, 3, index)
+        pool = usable[int(rng.integers(len(usable)))]
+        src = pool.source
+        shots = options.shots[index % len(options.shots)]
+        defective = rng.random() < options.anomalous_fraction
+        normals_pool = pool.train_normals + pool.test_normals
+        query = pick(rng, pool.anomalies)[0] if defective else pick(rng, normals_pool)[0]
+        exemplars = pick(rng, pool.train_normals if len(pool.train_normals) >= shots else normals_pool, shots,
+                         exclude=query)
+        abnormal = [a for a in pool.anomalies if a is not query][: options.abnormal_references]
+        images = [src.relative(s.image_path) for s in [*exemplars, *abnormal, query]]
+        roles = ["exemplar"] * shots + ["other"] * len(abnormal) + ["query"]
+        task, kind = "detection", query.defect_type
+        roll = rng.random()
+        if defective and roll < options.localization_fraction and not abnormal:
+            task = "localization"
+            with Image.open(query.image_path) as im:
+                size = im.size
+            boxes = tasks.mask_boxes(load_mask(query.mask_path, size), options.resize, tasks.readable(kind))
+            messages = tasks.localization_messages(shots, boxes)
+        elif defective and roll < options.localization_fraction + options.reasoning_fraction and not abnormal \
+                and Path(query.image_path).resolve() in captions:
+            task = "reasoning"
+            messages = tasks.reasoning_messages(shots, captions[Path(query.image_path).resolve()])
+        else:
+            messages = tasks.detection_messages(shots, defective, kind, options.question, len(abnormal))
+        yield TrainingRecord(
+            id=f"s3-{index:08d}", task=task, root=src.name, images=images, image_roles=roles, messages=messages,
+            mask=src.relative(query.mask_path) if defective and task != "reasoning" else None,
+            label=int(defective), category=pool.category, source=pool.key,
+            meta={"defect": kind, "shots": shots})
+
+
+def load_captions(sources: Sequence[DatasetSource]) -> dict[Path, str]:
+    """Captions of the sources that ship a captions.jsonl (the synthetic factory does)."""
+    captions = {}
+    for source in sources:
+        path = source.root / "captions.jsonl"
+        if path.is_file():
+            for _, item in caption_lines(path):
+                captions[(source.root / item["image"]).resolve()] = item["caption"]
+    return captions
+
+
+# -- replay and writing --------------------------------------------------------------------------
+def replayed(folder: Path, ratio: float, seed: int) -> tuple[dict[str, str], Iterator[TrainingRecord]]:
+    """A deterministic `ratio` share of an earlier stage's records (chosen by hashing their ids)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"replay ratio {ratio} is outside [0, 1]")
+    info = StageInfo.read(folder)
+
+    def chosen() -> Iterator[TrainingRecord]:
+        for record in read_records(folder):
+            digest = hashlib.sha256(f"{seed}:{record.id}".encode()).digest()
+            if int.from_bytes(digest[:8], "big") / 2**64 < ratio:
+                record.id = f"replay-{record.id}"
+                record.root = f"replay{info.stage}-{record.root}"
+                yield record
+
+    return {f"replay{info.stage}-{k}": v for k, v in info.roots.items()}, chosen()
+
+
+def write_stage(out: Path, stage: int, roots: dict[str, str], records: Iterable[TrainingRecord],
+                benchmark_test: set[Path] = frozenset(), records_per_shard: int = 1000, resume: bool = True,
+                config: dict | None = None, progress_total: int | None = None) -> StageInfo:
+    from tqdm.auto import tqdm
+
+    info = StageInfo(stage=stage, roots={k: str(v) for k, v in roots.items()}, config=config or {})
+    writer = ShardWriter(out, info, records_per_shard=records_per_shard, resume=resume)
+    guard = LeakGuard(set(benchmark_test), info)
+    writer.write(guard.check(r) for r in tqdm(records, total=progress_total, desc=f"stage {stage} records",
+                                               mininterval=1.0))
+    return writer.close()
+
+
+def stage_roots(out: Path, sources: Sequence[DatasetSource]) -> dict[str, str]:
+    """Roots of a stage-2 folder: each source, its synthetic defects, and 'stage' for mixed records.
+
+    Mixed records (a source image beside a synthetic one) address both from `<out>`: the synthetic
+    folder is `<out>/synthetic` and each source is linked as `<out>/sources/<name>`.
+    """
+    links = Path(out) / "sources"
+    links.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        link = links / source.name
+        if not link.exists():
+            link.symlink_to(source.root, target_is_directory=True)
+    roots = {s.name: str(s.root) for s in sources}
+    roots.update(synthetic=str(Path(out) / "synthetic"), stage=str(Path(out)))
+    return roots

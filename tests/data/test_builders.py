@@ -1,0 +1,156 @@
+"""Stage builders on a small synthetic factory made by the test."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iadgpt.data.factory import make_synthetic
+from iadgpt.data.records import StageInfo, read_records
+from iadgpt.data.samples import load_mask
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def build(stage: int, *args, check: bool = True) -> str:
+    """Run a builder recipe in this process (as `python data_builders/stageN.py ...`); its error line or ''."""
+    argv = sys.argv
+    sys.argv = [f"stage{stage}.py", *map(str, args)]
+    try:
+        runpy.run_path(str(REPO / "data_builders" / f"stage{stage}.py"), run_name="__main__")
+    except SystemExit as exit_:
+        if check and exit_.code:
+            raise AssertionError(exit_.code)
+        return str(exit_.code)
+    finally:
+        sys.argv = argv
+    return ""
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    out = tmp_path_factory.mktemp("factory") / "fac"
+    make_synthetic(out, categories=3, seed=0, image_size=64, train_normals=6, test_normals=3,
+                   test_anomalies_per_kind=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stages(factory, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    build(1, "--captions", f"fac={factory / 'captions.jsonl'}", "--out", root / "s1")
+    build(2, "--dataset", f"fac=mvtec:{factory}", "--records", 24, "--replay", root / "s1", "--replay-ratio", 0.5,
+          "--out", root / "s2", "--records-per-shard", 10)
+    build(3, "--dataset", f"fac=mvtec:{factory}", "--records", 30, "--replay", root / "s2", "--replay-ratio", 0.8,
+          "--out", root / "s3", "--records-per-shard", 10)
+    return root
+
+
+def test_every_stage_writes_valid_records_that_datasets_loads(stages):
+    from datasets import load_dataset
+
+    for stage, tasks in ((1, {"caption"}), (2, {"odd_one_out", "difference_regions", "irregular_region", "caption"}),
+                         (3, {"detection", "localization", "reasoning", "odd_one_out", "difference_regions",
+                              "irregular_region", "caption"})):
+        folder = stages / f"s{stage}"
+        info = StageInfo.read(folder)
+        records = list(read_records(folder))
+        assert info.complete and info.num_records == len(records)
+        assert {r.task for r in records} == tasks
+        for record in records:
+            for path in record.images:
+                assert info.image_path(record, path).is_file()
+        loaded = load_dataset("json", data_files=[str(folder / s) for s in info.shards], split="train")
+        assert len(loaded) == len(records)
+
+
+def test_replay_shares_follow_the_ratios(stages):
+    s1 = len(list(read_records(stages / "s1")))
+    s2 = list(read_records(stages / "s2"))
+    s3 = list(read_records(stages / "s3"))
+    replayed_1 = sum(r.id.startswith("replay-s1") for r in s2)
+    replayed_2 = sum(r.id.startswith("replay-") for r in s3)
+    assert abs(replayed_1 / s1 - 0.5) < 0.15
+    assert abs(replayed_2 / len(s2) - 0.8) < 0.15
+    assert sum(not r.id.startswith("replay-") for r in s2) == 24
+
+
+def test_stage3_prompts_are_the_inference_prompt_and_answers_lead_with_yes_or_no(stages, factory):
+    from iadgpt.model.prompts import few_shot_messages
+    from iadgpt.model.settings import DetectionQuestion
+
+    question = DetectionQuestion().text
+    detections = [r for r in read_records(stages / "s3") if r.task == "detection"]
+    assert {r.meta["shots"] for r in detections} == {1, 2, 4}
+    for record in detections:
+        shots = record.image_roles.count("exemplar")
+        assert record.messages[0] == few_shot_messages(shots, question)[0]
+        answer = record.messages[1]["content"][0]["text"]
+        assert answer.startswith("Yes" if record.label else "No")
+        assert (record.mask is not None) == bool(record.label)
+        assert record.image_roles[-1] == "query" and record.images[-1] not in record.images[:-1]
+
+
+def test_difference_boxes_cover_the_synthetic_mask(stages):
+    info = StageInfo.read(stages / "s2")
+    found = 0
+    for record in read_records(stages / "s2"):
+        answer = record.messages[-1]["content"][0]["text"]
+        if record.task != "difference_regions" or not answer.startswith("Yes"):
+            continue
+        boxes = json.loads(answer[len("Yes. "):])
+        mask = load_mask(info.image_path(record, record.images[1].replace(".png", "_mask.png")), None)
+        ys, xs = np.nonzero(mask)
+        # the 64 px factory images resize to 56 px for the processor: boxes are in those pixels
+        scale = 56 / 64
+        x1 = min(b["bbox_2d"][0] for b in boxes)
+        y2 = max(b["bbox_2d"][3] for b in boxes)
+        assert abs(x1 - round(xs.min() * scale)) <= 1 and abs(y2 - (round((ys.max() + 1) * scale) - 1)) <= 1
+        found += 1
+    assert found
+
+
+def test_builds_are_deterministic_and_resume_after_a_crash(factory, stages, tmp_path):
+    args = ["--dataset", f"fac=mvtec:{factory}", "--records", 30, "--replay", stages / "s2", "--replay-ratio", 0.8,
+            "--records-per-shard", 10]
+    build(3, *args, "--out", tmp_path / "again")
+    reference = {p.name: p.read_bytes() for p in (stages / "s3").glob("shard-*.jsonl")}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "again").glob("shard-*.jsonl")} == reference
+    # A crash after two shards: the last shard and the completion mark are gone.
+    shards = sorted((tmp_path / "again").glob("shard-*.jsonl"))
+    for shard in shards[2:]:
+        shard.unlink()
+    info = json.loads((tmp_path / "again" / "info.json").read_text())
+    info.update(complete=False, shards=[s.name for s in shards[:2]])
+    (tmp_path / "again" / "info.json").write_text(json.dumps(info))
+    first_mtime = shards[0].stat().st_mtime_ns
+    build(3, *args, "--out", tmp_path / "again")
+    assert shards[0].stat().st_mtime_ns == first_mtime  # finished shards are not rewritten
+    assert {p.name: p.read_bytes() for p in (tmp_path / "again").glob("shard-*.jsonl")} == reference
+
+
+def test_benchmark_test_split_never_leaks(factory, tmp_path):
+    build(2, "--dataset", f"fac=mvtec:{factory}", "--records", 15, "--benchmark", f"mvtec:{factory}",
+          "--out", tmp_path / "s2")
+    info = StageInfo.read(tmp_path / "s2")
+    for record in read_records(tmp_path / "s2"):
+        for path in record.images:
+            assert "/test/" not in str(info.image_path(record, path))
+    error = build(3, "--dataset", f"fac=mvtec:{factory}", "--benchmark", f"mvtec:{factory}", "--out",
+                  tmp_path / "s3", check=False)
+    assert error.startswith("stage3.py: ") and "some anomalies with masks" in error
+
+
+def test_bad_inputs_name_the_problem(factory, tmp_path):
+    bad = tmp_path / "captions.jsonl"
+    bad.write_text('{"image": "a.png", "caption": "ok"}\n{not json\n')
+    assert f"{bad}:2: malformed JSON" in build(1, "--captions", f"x={bad}", "--out", tmp_path / "s1", check=False)
+    assert "at least 10 normal images" in build(3, "--dataset", f"fac=mvtec:{factory}", "--shots", 9, "--out",
+                                                tmp_path / "s3", check=False)
+    assert "is not of the form [name=]kind:root" in build(2, "--dataset", f"mvtec{factory}", "--out",
+                                                          tmp_path / "s2", check=False)
