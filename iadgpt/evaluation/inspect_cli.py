@@ -1,0 +1,106 @@
+"""`iadgpt inspect`: score query images against a few normal references, write scores and overlays.
+
+    iadgpt inspect --model DIR --normals good/ --query 'line3/*.png' --out OUT [--threshold 0.5]
+
+Writes `OUT/scores.csv` (path, score, label at the threshold, overlay file) and one heatmap overlay
+PNG per query in `OUT/overlays/`. The score is the model's probability that the query is defective,
+so 0.5 is the neutral threshold; a line that wants fewer escapes lowers it. The overlay shows the
+model's per-pixel probability as is (no per-image stretching, which would paint every defect-free
+part red somewhere). Rows are written as each batch finishes, so an interrupted run keeps what it
+scored. Paths may be files, folders (their image files, not recursive) or glob patterns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+from pathlib import Path
+
+from ..data.samples import IMAGE_EXTENSIONS, DataError, load_image
+
+__all__ = ["add_arguments", "expand_image_paths", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="checkpoint folder (iadgpt or Qwen2.5-VL)")
+    parser.add_argument("--normals", nargs="+", required=True, metavar="PATH",
+                        help="normal reference images of the product: files, folders or globs")
+    parser.add_argument("--query", nargs="+", required=True, metavar="PATH",
+                        help="images to inspect: files, folders or globs")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="a query is labelled anomalous when its score is >= this (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=4, help="queries per forward pass")
+    return parser
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def expand_image_paths(patterns: list[str], what: str) -> list[Path]:
+    """Files as given, folders as their image files, globs as their matching image files; sorted
+    within a folder or glob, in argument order overall, without repeats. A pattern that yields no
+    image is an error naming it (a typo must not silently inspect nothing)."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        candidate = Path(pattern).expanduser()
+        if candidate.is_dir():
+            found = sorted(p for p in candidate.iterdir() if _is_image(p))
+        elif candidate.is_file():
+            found = [candidate]  # named explicitly: decoding will say if it is not an image
+        else:
+            found = sorted(p for p in map(Path, glob.glob(str(candidate), recursive=True)) if _is_image(p))
+        if not found:
+            raise DataError(f"{what} {pattern!r}: no image file there (files, folders and glob patterns are accepted)")
+        paths.extend(found)
+    return list(dict.fromkeys(paths))
+
+
+def _overlay_names(paths: list[Path]) -> list[str]:
+    """`<stem>.png` per query, `<stem>_2.png` ... when stems repeat across folders."""
+    names, seen = [], {}
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(f"{path.stem}.png" if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}.png")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    """Inspect every query; user errors (paths, images, model folder) exit with a message naming them."""
+    from ..inspection import Inspector, heatmap_overlay
+    from ..model.checkpoint import check_checkpoint
+
+    if args.batch_size < 1:
+        raise SystemExit(f"iadgpt inspect: --batch-size must be >= 1, got {args.batch_size}")
+    try:
+        check_checkpoint(args.model)
+        normals = [load_image(path) for path in expand_image_paths(args.normals, "--normals")]
+        queries = expand_image_paths(args.query, "--query")
+    except (DataError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"iadgpt inspect: {error}") from error
+    out = Path(args.out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    inspector = Inspector.from_pretrained(args.model, batch_size=args.batch_size)
+    flagged = 0
+    with (out / "scores.csv").open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "score", "label", "overlay"])
+        names = _overlay_names(queries)
+        for start in range(0, len(queries), args.batch_size):
+            batch = queries[start:start + args.batch_size]
+            try:
+                images = [load_image(path) for path in batch]
+            except DataError as error:
+                raise SystemExit(f"iadgpt inspect: {error}") from error
+            for path, image, name, result in zip(batch, images, names[start:], inspector.inspect(
+                    images, [normals] * len(images))):
+                label = "anomalous" if result.score >= args.threshold else "normal"
+                flagged += label == "anomalous"
+                heatmap_overlay(image, result.anomaly_map).save(out / "overlays" / name)
+                writer.writerow([str(path), f"{result.score:.6f}", label, f"overlays/{name}"])
+            stream.flush()
+    print(f"Inspected {len(queries)} image(s) against {len(normals)} normal reference(s): {flagged} anomalous at "
+          f"threshold {args.threshold}. Wrote {out / 'scores.csv'} and {out / 'overlays'}/")
+    return 0
