@@ -6,39 +6,19 @@
 Reads the stage's records, trains with AdamW + cosine schedule under whatever accelerate/DeepSpeed
 setup launched it, logs every step to metrics.jsonl and TensorBoard, writes resumable checkpoints
 every `save_every` steps, and ends with a Hugging Face folder the next stage, evaluation and chat
-load directly.
+load directly. Plain `python train/train.py ...` runs one process.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-import time
-
-import torch
-from tqdm.auto import tqdm
 
 from iadgpt.config import ConfigError, load_config
-from iadgpt.training.collator import RecordCollator
+from iadgpt.data.samples import DataError
 from iadgpt.training.config import TrainConfig
-from iadgpt.training.trainer import (
-    MetricsLog,
-    StepMeter,
-    TrainingSetupError,
-    build_accelerator,
-    build_dataloader,
-    build_model,
-    build_optimizer,
-    fault_injection,
-    load_latest_checkpoint,
-    load_stage_data,
-    save_checkpoint,
-    save_final_model,
-    token_estimate,
-    weights_fingerprint,
-)
+from iadgpt.training.loop import train
+from iadgpt.training.trainer import TrainingSetupError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,91 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         train(cfg, resume=args.resume)
-    except (ConfigError, TrainingSetupError) as err:
+    except (ConfigError, TrainingSetupError, DataError) as err:
         sys.exit(f"train.py: {err}")
-
-
-def train(cfg: TrainConfig, resume: bool = False) -> None:
-    # 1. Launch setup, model and data; every check happens before the first step.
-    accelerator = build_accelerator(cfg)
-    main_process = accelerator.is_main_process
-    torch.manual_seed(cfg.seed)
-    model, processor = build_model(cfg, main_process)
-    info, dataset, _ = load_stage_data(cfg, processor, main_process)
-    collator = RecordCollator(processor, info, pixel_loss_on_normals=cfg.pixel_loss_on_normals)
-    loader = build_dataloader(cfg, dataset, collator)
-    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    optimizer, scheduler = build_optimizer(cfg, model, total_steps, accelerator.num_processes)
-    if main_process:
-        print(f"Stage {cfg.stage}: {len(dataset)} records, {total_steps} optimizer steps of {cfg.global_batch_size} "
-              f"samples ({accelerator.num_processes} processes x {cfg.per_device_batch_size} x "
-              f"{accelerator.gradient_accumulation_steps} accumulation)")
-        settings = accelerator.unwrap_model(model)
-        settings = getattr(settings, "iadgpt", None) or settings.base_model.model.iadgpt
-        for row in token_estimate(processor, settings):
-            print(f"  tokens per sample at {row['image']}, {row['shots']}-shot: {row['tokens']}"
-                  f" ({row['tokens_compressed']} with exemplar compression)")
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    accelerator.init_trackers("iadgpt", config={"stage": cfg.stage, "learning_rate": cfg.learning_rate})
-
-    # 2. Resume: same step, data position, optimizer, scheduler and RNG state.
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
-    if resume:
-        state = load_latest_checkpoint(accelerator, cfg) or state
-        if main_process:
-            print(f"Resuming at step {state['step']} (epoch {state['epoch']}, batch {state['batches_in_epoch']})")
-    metrics = MetricsLog(accelerator, cfg.output_dir, resume=resume)
-
-    # 3. The loop.
-    meter = StepMeter(accelerator)
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not main_process, desc=f"stage {cfg.stage}")
-    started = time.monotonic()
-    model.train()
-    while state["step"] < total_steps:
-        loader.set_epoch(state["epoch"])  # the shuffled order is a function of (seed, epoch)
-        batches = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
-        for batch in batches:
-            with accelerator.accumulate(model):
-                output = model(**batch)
-                accelerator.backward(output.loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            meter.add(output, batch["input_ids"].shape[0])
-            state["batches_in_epoch"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            values = meter.result()
-            values.update(lr=scheduler.get_last_lr()[0], epoch=state["epoch"])
-            meter.reset()
-            if state["step"] % cfg.log_every == 0:
-                metrics.log(state["step"], values)
-            progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{values['samples_per_s']:.1f}")
-            progress.update(1)
-            out_of_time = cfg.max_minutes is not None and time.monotonic() - started > 60 * cfg.max_minutes
-            if state["step"] % cfg.save_every == 0 or state["step"] == total_steps or out_of_time:
-                save_checkpoint(accelerator, cfg, state)
-            fault_injection(state["step"])
-            if state["step"] >= total_steps or out_of_time:
-                break
-        else:
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-            continue
-        break
-    progress.close()
-
-    # 4. The output every later stage, evaluation and chat load.
-    fingerprints = weights_fingerprint(accelerator, model)
-    out = save_final_model(accelerator, cfg, model, processor)
-    accelerator.end_training()
-    if main_process:
-        summary = {"steps": state["step"], "processes": accelerator.num_processes, "weight_fingerprints": fingerprints,
-                   "ranks_hold_equal_weights": len(set(fingerprints)) == 1}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"Saved stage {cfg.stage} model to {out}")
 
 
 if __name__ == "__main__":
