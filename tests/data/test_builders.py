@@ -154,3 +154,46 @@ def test_bad_inputs_name_the_problem(factory, tmp_path):
                                                 tmp_path / "s3", check=False)
     assert "is not of the form [name=]kind:root" in build(2, "--dataset", f"mvtec{factory}", "--out",
                                                           tmp_path / "s2", check=False)
+
+
+def test_stage1_captions_from_an_openai_compatible_endpoint(tmp_path):
+    import http.server
+    import threading
+
+    from PIL import Image
+
+    folder = tmp_path / "parts"
+    (folder / "good").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 90, 90)).save(folder / "good" / f"{i}.png")
+    seen = []
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            content = body["messages"][0]["content"]
+            assert self.path == "/v1/chat/completions" and content[1]["image_url"]["url"].startswith("data:image/png")
+            seen.append(body["model"])
+            reply = json.dumps({"choices": [{"message": {"content": f"A grey part number {len(seen)}."}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        build(1, "--caption-endpoint", url, "--caption-model", "vlm", "--caption-images", folder, "--out", tmp_path / "s1")
+        records = list(read_records(tmp_path / "s1"))
+        assert len(records) == 3 and seen == ["vlm"] * 3
+        assert {r.messages[1]["content"][0]["text"] for r in records} == {f"A grey part number {i}." for i in (1, 2, 3)}
+        # captions already there are not asked for again
+        build(1, "--caption-endpoint", url, "--caption-model", "vlm", "--caption-images", folder, "--out",
+              tmp_path / "s1b")
+        assert len(seen) == 3
+    finally:
+        server.shutdown()
