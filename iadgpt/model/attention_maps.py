@@ -98,8 +98,9 @@ def word_to_image_attention(attn: nn.Module, hidden: torch.Tensor, cos: torch.Te
     key = key * cos.unsqueeze(1) + _rotate_half(key) * sin.unsqueeze(1)
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)  # = repeat_kv
-    scores = (query @ key.transpose(-1, -2)) * attn.scaling  # [B, H, R, L]
-    scores = scores.float().masked_fill(~request.key_allowed()[:, None], torch.finfo(torch.float32).min)
+    # In float32 even when the model runs in bf16: the map is a ratio of small probabilities.
+    scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, L]
+    scores = scores.masked_fill(~request.key_allowed()[:, None], torch.finfo(torch.float32).min)
     probs = scores.softmax(-1)
     to_image = torch.gather(probs, 3, request.col_index[:, None, None, :].expand(-1, probs.shape[1], num_rows, -1))
     per_row = to_image.mean(1)  # mean over heads: [B, R, N]
