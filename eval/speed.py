@@ -2,11 +2,13 @@
 
     python eval/speed.py compression   # 4-shot prefill with vs without exemplar compression
     python eval/speed.py pixel-map     # our attention-row maps (sdpa) vs eager output_attentions
+    python eval/speed.py eval          # batched single-pass scoring vs generating the answer text
 
 Each prints its measurements, and as its last line one JSON object with the ratios.
 The benchmark model is a random-weight Qwen2.5-VL of the real architecture, sized so that the
 language model dominates as it does in the 7B model (8 layers, 512 wide; a small vision tower),
-with 4 exemplars + 1 query of 504 x 504 px: 5 x 324 = 1,620 visual tokens.
+with 4 exemplars + 1 query of 504 x 504 px: 5 x 324 = 1,620 visual tokens. `eval` uses the
+same model with 224 x 224 px images (64 visual tokens each), 16 queries, so it runs in about a minute.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,8 @@ from PIL import Image
 
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+from iadgpt.evaluation.reasoning import parse_yes_no
+from iadgpt.inspection import Inspector
 from iadgpt.model import detection_inputs, init_model, load_model, load_processor
 from iadgpt.model.checkpoint import ModelPreset
 from iadgpt.utils.profiling import median_seconds, peak_rss_increase
@@ -118,10 +123,79 @@ def pixel_map(args) -> dict:
             "peak_mem_ratio": round(results["ours"]["peak_mib"] / results["eager"]["peak_mib"], 4)}
 
 
+def eval_speed(args) -> dict:
+    """Images per second: our batched single pass (score + pixel map) vs generating the answer text.
+
+    Both sides get the same checkpoint, queries, references, prompt (`Inspector.batch_inputs`,
+    image preprocessing included in both timings) and batch size. The single pass is
+    `Inspector.inspect` (no text): one forward gives the Yes/No score and the pixel map. The
+    baseline is how a chat LVLM is usually scored: greedy-generate up to 32 new tokens and read
+    Yes/No from the text (`parse_yes_no`), without any pixel map.
+
+    A random-weight model does not stop where a trained one would (it may run on, or stop at a
+    random step), so generation is forced to exactly `--max-new-tokens` (min_new_tokens =
+    max_new_tokens, EOS ignored): the baseline costs what a 32-token answer costs. A trained model
+    that answers "Yes." and stops after 2-3 tokens would narrow the gap.
+
+    The default model is BENCH_PRESET (the language model dominates, as in the 7B model); `--preset
+    small` takes the demo preset, whose windowed vision tower dominates instead. The two variants
+    run interleaved and the fastest of `--repeats` runs counts: on a shared machine other
+    processes only ever add time.
+    """
+    rng = np.random.default_rng(0)
+
+    def image():
+        # A smooth product-like image plus noise, so exemplars resemble each other as real ones do.
+        base = np.linspace(0, 255, args.image_size)[None, :, None] * np.ones((args.image_size, 1, 3))
+        return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+    queries = [image() for _ in range(args.queries)]
+    normals = [[image() for _ in range(args.shots)] for _ in queries]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = init_model(Path(tmp) / "bench", BENCH_PRESET if args.preset == "bench" else args.preset)
+        inspector = Inspector.from_pretrained(ckpt, batch_size=args.batch_size)
+    model, processor = inspector.model, inspector.processor
+
+    def single_pass():
+        return [r.score for r in inspector.inspect(queries, normals)]
+
+    def generate():
+        texts = []
+        with torch.inference_mode():
+            for start in range(0, len(queries), args.batch_size):
+                chunk = slice(start, start + args.batch_size)
+                inputs = inspector.batch_inputs(queries[chunk], normals[chunk], [[] for _ in queries[chunk]])
+                out = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                                     min_new_tokens=args.max_new_tokens, do_sample=False)
+                texts += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [parse_yes_no(text) for text in texts]
+
+    single_pass(), generate()  # warm-up
+    times: dict[str, list[float]] = {"single_pass": [], "generate": []}
+    for _ in range(args.repeats):
+        for name, run in (("single_pass", single_pass), ("generate", generate)):
+            start = time.perf_counter()
+            answers = run()
+            times[name].append(time.perf_counter() - start)
+    seconds = {name: min(values) for name, values in times.items()}
+    rate = {name: len(queries) / value for name, value in seconds.items()}
+    print(f"{len(queries)} queries x {args.shots} normal references, {args.image_size} px, batch {args.batch_size}, "
+          f"preset {args.preset}, {torch.get_num_threads()} threads; fastest of {args.repeats} interleaved runs "
+          f"after one warm-up")
+    for name, label in (("single_pass", "single pass (score + pixel map)"),
+                        ("generate", f"generate {args.max_new_tokens} tokens + read Yes/No")):
+        runs = ", ".join(f"{t:.3f}" for t in times[name])
+        print(f"{label}: {seconds[name]:.3f} s = {rate[name]:.2f} images/s (runs: {runs} s)")
+    print(f"answers read as yes/no: {sum(a is not None for a in answers)}/{len(answers)} (the model is random)")
+    return {"bench": "eval", "images_per_s_single_pass": round(rate["single_pass"], 3),
+            "images_per_s_generate": round(rate["generate"], 3),
+            "speedup": round(rate["single_pass"] / rate["generate"], 3)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
-    for name in ("compression", "pixel-map", "pixel-map-worker"):
+    for name in ("compression", "pixel-map", "pixel-map-worker", "eval"):
         p = sub.add_parser(name)
         p.add_argument("--shots", type=int, default=4, help="normal exemplars before the query")
         p.add_argument("--image-size", type=int, default=504, help="image side in pixels (504 -> 324 tokens)")
@@ -132,11 +206,18 @@ def main(argv=None) -> None:
             p.add_argument("--variant", choices=("ours", "eager"), required=True)
             p.add_argument("--checkpoint", required=True)
             p.add_argument("--result", required=True)
+        if name == "eval":
+            p.set_defaults(image_size=224, repeats=3)  # 224 px: 64 visual tokens per image
+            p.add_argument("--queries", type=int, default=16, help="query images scored by each variant")
+            p.add_argument("--batch-size", type=int, default=4, help="queries per forward / generate call")
+            p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per answer (forced)")
+            p.add_argument("--preset", default="bench",
+                           help="bench (BENCH_PRESET, the default) or an init-model preset (small, tiny)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.bench == "pixel-map-worker":
         return pixel_map_worker(args)
-    result = {"compression": compression, "pixel-map": pixel_map}[args.bench](args)
+    result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed}[args.bench](args)
     print(json.dumps(result))
 
 

@@ -35,6 +35,24 @@ class InspectionResult:
     """The model's free-text answer, when asked for."""
 
 
+def generation_inputs(processor, conversations: list[tuple[list[dict], list[Image.Image], list[int]]]):
+    """Left-padded model inputs for a batch of (chat messages, their images, image roles).
+
+    Left padding puts every row's answer position last, where the image score is read and where
+    generation starts; `image_roles` tells the model which images are compressible exemplars.
+    """
+    texts, images, roles = [], [], []
+    for messages, conversation_images, conversation_roles in conversations:
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        images.extend(image.convert("RGB") for image in conversation_images)
+        roles.extend(conversation_roles)
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    if roles:
+        inputs["image_roles"] = torch.tensor(roles)
+    return inputs
+
+
 class Inspector:
     """Batched few-shot inspection with one IADGPT checkpoint.
 
@@ -56,11 +74,6 @@ class Inspector:
                            processor=processor)
         return cls(model, processor, **kwargs)
 
-    def prompt(self, num_normals: int, num_abnormal: int = 0, question: str | None = None) -> str:
-        messages = few_shot_messages(num_normals, question or self.question.text,
-                                     num_abnormal_references=num_abnormal)
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
     @torch.inference_mode()
     def inspect(self, queries: list[Image.Image], normals: list[list[Image.Image]],
                 abnormal: list[list[Image.Image]] | None = None, with_text: bool = False,
@@ -81,16 +94,12 @@ class Inspector:
         return results
 
     def batch_inputs(self, queries, normals, abnormal):
-        texts, images, roles = [], [], []
+        conversations = []
         for query, refs, bad in zip(queries, normals, abnormal, strict=True):
-            texts.append(self.prompt(len(refs), len(bad)))
-            images.extend([*refs, *bad, query])
-            roles.extend([ROLE_EXEMPLAR] * len(refs) + [ROLE_OTHER] * len(bad) + [ROLE_QUERY])
-        self.processor.tokenizer.padding_side = "left"  # the answer position is the last one of every row
-        inputs = self.processor(text=texts, images=[im.convert("RGB") for im in images], padding=True,
-                                return_tensors="pt")
-        inputs["image_roles"] = torch.tensor(roles)
-        return inputs.to(self.model.device)
+            messages = few_shot_messages(len(refs), self.question.text, num_abnormal_references=len(bad))
+            roles = [ROLE_EXEMPLAR] * len(refs) + [ROLE_OTHER] * len(bad) + [ROLE_QUERY]
+            conversations.append((messages, [*refs, *bad, query], roles))
+        return generation_inputs(self.processor, conversations).to(self.model.device)
 
     def _inspect_batch(self, queries, normals, abnormal, with_text, max_new_tokens) -> list[InspectionResult]:
         inputs = self.batch_inputs(queries, normals, abnormal)

@@ -858,7 +858,7 @@ def _defect_missing_piece(spec, rendering, rng, size):
     if spec.is_texture:
         cy, cx = (float(value) for value in rng.uniform(0.2, 0.8, 2) * size)
         radius = rng.uniform(0.06, 0.12) * size
-        phrase = f"a torn hole through the material in the {{loc}}, showing the dark backing"
+        phrase = "a torn hole through the material in the {loc}, showing the dark backing"
     else:
         edge = fg & ~(_erode(fg))
         cy, cx = _random_foreground_point(rng, edge if edge.any() else fg)

@@ -445,7 +445,7 @@ def make_realiad(root: Path, json_folder: str = "realiad_jsons", test_items: lis
     """audiojack: 2 train OK, test: 1 OK + 1 AK (pit) with mask + 1 HS (scratch) with mask."""
     images = root / "realiad_1024" / "audiojack"
     ok = [f"OK/S0001/audiojack_0001_OK_C{view}_20230922.jpg" for view in (1, 2, 3)]
-    ng = [f"NG/AK/S0101/audiojack_0101_NG_AK_C1_20230922.jpg", f"NG/HS/S0102/audiojack_0102_NG_HS_C2_20230922.jpg"]
+    ng = ["NG/AK/S0101/audiojack_0101_NG_AK_C1_20230922.jpg", "NG/HS/S0102/audiojack_0102_NG_HS_C2_20230922.jpg"]
     for relative in ok + ng:
         write_image(images / relative)
     for relative in ng:
