@@ -3,6 +3,8 @@
     python eval/speed.py compression   # 4-shot prefill with vs without exemplar compression
     python eval/speed.py pixel-map     # our attention-row maps (sdpa) vs eager output_attentions
     python eval/speed.py eval          # batched single-pass scoring vs generating the answer text
+    python eval/speed.py data-build    # stage-2 records/s, and peak memory of a 10x larger build
+    python eval/speed.py train         # training samples/s, 1 vs 2 CPU processes under DeepSpeed
 
 Each prints its measurements, and as its last line one JSON object with the ratios.
 The benchmark model is a random-weight Qwen2.5-VL of the real architecture, sized so that the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -192,10 +195,83 @@ def eval_speed(args) -> dict:
             "speedup": round(rate["single_pass"] / rate["generate"], 3)}
 
 
+def data_build(args) -> dict:
+    """Stage-2 records from a synthetic factory, and the builder's peak memory at 1x and 10x size."""
+    from iadgpt.data.factory import make_synthetic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for scale in (1, 10):
+            factory = Path(tmp) / f"factory{scale}"
+            make_synthetic(factory, categories=args.categories * scale, seed=0, image_size=args.image_size,
+                           train_normals=8, test_normals=2, test_anomalies_per_kind=1)
+            result = Path(tmp) / f"build{scale}.json"
+            subprocess.run([sys.executable, __file__, "data-build-worker", "--factory", str(factory),
+                            "--records", str(args.records * scale), "--out", str(Path(tmp) / f"stage{scale}"),
+                            "--result", str(result)], check=True)
+            runs[scale] = json.loads(result.read_text())
+            print(f"{scale:2d}x: {runs[scale]['records']} records from {args.categories * scale} categories in "
+                  f"{runs[scale]['seconds']:.1f} s, peak RSS {runs[scale]['peak_rss_mib']:.0f} MiB")
+    return {"bench": "data_build", "records_per_s": round(runs[10]["records"] / runs[10]["seconds"], 1),
+            "rss_ratio_10x": round(runs[10]["peak_rss_mib"] / runs[1]["peak_rss_mib"], 3)}
+
+
+def data_build_worker(args) -> None:
+    import resource
+
+    from iadgpt.data.builders import (DatasetSource, Stage2Options, SyntheticDefects, index_sources,
+                                      stage2_records, stage_roots, write_stage)
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    sources = [DatasetSource.parse(f"factory=mvtec:{args.factory}")]
+    pools = index_sources(sources)
+    info = write_stage(out, 2, stage_roots(out, sources),
+                       stage2_records(pools, SyntheticDefects(out / "synthetic", pools), Stage2Options(records=args.records), 0))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.result).write_text(json.dumps({"records": info.num_records, "seconds": seconds, "peak_rss_mib": peak}))
+
+
+def train_speed(args) -> dict:
+    """Samples/s of the training recipe on the small preset under DeepSpeed ZeRO-2: 1 vs 2 CPU processes."""
+    from iadgpt.data.builders import DatasetSource, Stage3Options, index_sources, stage3_records, write_stage
+    from iadgpt.data.factory import make_synthetic
+
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_synthetic(tmp / "factory", categories=4, seed=0, image_size=112, train_normals=8, test_normals=2,
+                       test_anomalies_per_kind=2)
+        source = DatasetSource.parse(f"factory=mvtec:{tmp / 'factory'}")
+        write_stage(tmp / "stage3", 3, {"factory": str(source.root)},
+                    stage3_records(index_sources([source]), Stage3Options(records=400, shots=(2,)), 0))
+        checkpoint = init_model(tmp / "small", args.preset)
+        speeds = {}
+        for processes in (1, 2):
+            out = tmp / f"run{processes}"
+            config = "cpu_1proc_zero2.yaml" if processes == 1 else "cpu_2proc_zero2.yaml"
+            subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                            str(repo / "configs" / "accelerate" / config), str(repo / "train" / "train.py"),
+                            "--config", str(repo / "configs" / "stage3.yaml"), f"model={checkpoint}",
+                            f"data={tmp / 'stage3'}", f"output_dir={out}", f"max_steps={args.steps}",
+                            "global_batch_size=8", "per_device_batch_size=2", "mixed_precision=no",
+                            "gradient_checkpointing=false", "num_workers=1", "save_every=100000"],
+                           check=True, cwd=repo, capture_output=True)
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            steady = [row["samples_per_s"] for row in rows[2:]]  # the first steps pay start-up costs
+            speeds[processes] = statistics.median(steady)
+            print(f"{processes} process(es): median {speeds[processes]:.1f} samples/s over steps 3-{len(rows)}, "
+                  f"final loss {rows[-1]['loss']:.3f}")
+    return {"bench": "train", "samples_per_s_1proc": round(speeds[1], 2), "samples_per_s_2proc": round(speeds[2], 2),
+            "scaling": round(speeds[2] / speeds[1], 3)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
-    for name in ("compression", "pixel-map", "pixel-map-worker", "eval"):
+    for name in ("compression", "pixel-map", "pixel-map-worker", "eval", "data-build", "data-build-worker",
+                 "train"):
         p = sub.add_parser(name)
         p.add_argument("--shots", type=int, default=4, help="normal exemplars before the query")
         p.add_argument("--image-size", type=int, default=504, help="image side in pixels (504 -> 324 tokens)")
@@ -213,11 +289,26 @@ def main(argv=None) -> None:
             p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per answer (forced)")
             p.add_argument("--preset", default="bench",
                            help="bench (BENCH_PRESET, the default) or an init-model preset (small, tiny)")
+        if name == "data-build":
+            p.set_defaults(image_size=96)
+            p.add_argument("--categories", type=int, default=4, help="categories of the 1x factory (10x: ten times)")
+            p.add_argument("--records", type=int, default=150, help="stage-2 records of the 1x build")
+        if name == "data-build-worker":
+            p.add_argument("--factory", required=True)
+            p.add_argument("--records", type=int, required=True)
+            p.add_argument("--out", required=True)
+            p.add_argument("--result", required=True)
+        if name == "train":
+            p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (8 samples each)")
+            p.add_argument("--preset", default="small", help="init-model preset")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.bench == "pixel-map-worker":
         return pixel_map_worker(args)
-    result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed}[args.bench](args)
+    if args.bench == "data-build-worker":
+        return data_build_worker(args)
+    result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed, "data-build": data_build,
+              "train": train_speed}[args.bench](args)
     print(json.dumps(result))
 
 

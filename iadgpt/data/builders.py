@@ -183,20 +183,26 @@ class SyntheticDefects:
         self.texture_pool = [s for pool in pools for s in pool.train_normals[:4]]
 
     def make(self, name: str, normal: Sample, rng: np.random.Generator) -> tuple[str, str, str]:
-        """(image path, mask path, kind), relative to the synthetic root; reused when already on disk."""
-        kind = SYNTHETIC_KINDS[int(rng.integers(len(SYNTHETIC_KINDS)))]
+        """(image path, mask path, kind), relative to the synthetic root; reused when already on disk.
+
+        The kind is drawn first; when it leaves no visible change (a patch pasted onto a uniform
+        texture it matches), the other kinds are tried in turn.
+        """
+        first = int(rng.integers(len(SYNTHETIC_KINDS)))
         image_rel, mask_rel = f"{name}.png", f"{name}_mask.png"
-        texture_choice = int(rng.integers(max(len(self.texture_pool), 1)))
-        if (self.folder / image_rel).is_file() and (self.folder / mask_rel).is_file():
-            return image_rel, mask_rel, kind  # a resumed build: made before the crash
+        kind_file = self.folder / f"{name}.kind"
+        if (self.folder / image_rel).is_file() and kind_file.is_file():
+            return image_rel, mask_rel, kind_file.read_text()  # a resumed build: made before the crash
         image = load_image(normal.image_path)
-        for _ in range(5):
+        foreign = [s for s in self.texture_pool if s.category != normal.category] or self.texture_pool
+        for attempt in range(3 * len(SYNTHETIC_KINDS)):
+            kind = SYNTHETIC_KINDS[(first + attempt // 3) % len(SYNTHETIC_KINDS)]
             if kind == "cutpaste":
                 result, mask = cutpaste_patch(image, rng)
             elif kind == "scar":
                 result, mask = cutpaste_scar(image, rng)
             else:
-                texture = load_image(self.texture_pool[texture_choice].image_path).resize(image.size)
+                texture = load_image(foreign[int(rng.integers(len(foreign)))].image_path).resize(image.size)
                 result, mask = perlin_blend(image, texture, rng, foreground=foreground_mask(image))
             if mask.any():
                 break
@@ -205,7 +211,8 @@ class SyntheticDefects:
         tmp = self.folder / (image_rel + ".tmp.png")
         result.save(tmp)
         Image.fromarray(mask.astype(np.uint8) * 255).save(self.folder / mask_rel)
-        os.replace(tmp, self.folder / image_rel)
+        kind_file.write_text(kind)
+        os.replace(tmp, self.folder / image_rel)  # the commit point: image, mask and kind are all there
         return image_rel, mask_rel, kind
 
 
