@@ -52,12 +52,14 @@ def build(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--records-per-shard", type=int, default=1000)
     parser.add_argument("--restart", action="store_true")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out (and count) unusable samples instead of stopping at the first")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
     sources = [DatasetSource.parse(d) for d in args.dataset]
     held_out = benchmark_test_images([DatasetSource.parse(b) for b in args.benchmark])
-    pools = index_sources(sources, held_out, set(args.categories) if args.categories else None)
+    pools = index_sources(sources, held_out, set(args.categories) if args.categories else None, args.skip_bad)
     options = Stage3Options(records=args.records, shots=tuple(args.shots), abnormal_references=args.abnormal_references,
                             resize=ResizeRule(max_pixels=args.max_pixels))
     roots = {s.name: str(s.root) for s in sources}

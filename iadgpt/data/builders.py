@@ -66,11 +66,15 @@ class CategoryPool:
 
 
 def index_sources(sources: Sequence[DatasetSource], benchmark_test: set[Path] = frozenset(),
-                  categories: set[str] | None = None) -> list[CategoryPool]:
-    """Index every source by category (paths only), leaving out the benchmark's test images."""
+                  categories: set[str] | None = None, skip_bad: bool = False) -> list[CategoryPool]:
+    """Index every source by category (paths only), leaving out the benchmark's test images.
+
+    With `skip_bad`, samples a reader cannot use (a missing mask, a listed file that is gone, ...)
+    are left out and counted on stdout instead of stopping the build.
+    """
     pools: dict[tuple[str, str], CategoryPool] = {}
     for source in sources:
-        reader = open_dataset(source.kind, source.root)
+        reader = open_dataset(source.kind, source.root, skip_bad=skip_bad)
         for sample in reader.samples():
             if categories is not None and sample.category not in categories:
                 continue
@@ -81,6 +85,9 @@ def index_sources(sources: Sequence[DatasetSource], benchmark_test: set[Path] = 
                 (pool.train_normals if sample.split == "train" else pool.test_normals).append(sample)
             elif sample.mask_path is not None:
                 pool.anomalies.append(sample)
+        if reader.skipped:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(reader.skipped.items()))
+            print(f"{source.name}: skipped {sum(reader.skipped.values())} bad samples ({reasons})")
     if not pools:
         raise DataError(f"no images found in {[str(s.root) for s in sources]}")
     return [pools[key] for key in sorted(pools)]

@@ -197,3 +197,17 @@ def test_stage1_captions_from_an_openai_compatible_endpoint(tmp_path):
         assert len(seen) == 3
     finally:
         server.shutdown()
+
+
+def test_skip_bad_counts_what_it_leaves_out(factory, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "fac"
+    shutil.copytree(factory, copy)
+    category = sorted(p for p in copy.iterdir() if p.is_dir())[0]
+    mask = next((category / "ground_truth").rglob("*_mask.png"))
+    mask.unlink()
+    error = build(2, "--dataset", f"fac=mvtec:{copy}", "--records", 6, "--out", tmp_path / "strict", check=False)
+    assert mask.name.replace("_mask", "") in error and "mask" in error
+    build(2, "--dataset", f"fac=mvtec:{copy}", "--records", 6, "--skip-bad", "--out", tmp_path / "lenient")
+    assert "fac: skipped 1 bad samples" in capsys.readouterr().out
