@@ -20,12 +20,12 @@ from iadgpt.data.builders import (
     DatasetSource,
     Stage2Options,
     SyntheticDefects,
+    add_dataset_arguments,
     benchmark_test_images,
     index_sources,
-    replayed,
     stage2_records,
     stage_roots,
-    write_stage,
+    write_with_replay,
 )
 from iadgpt.data.tasks import ResizeRule
 
@@ -39,21 +39,9 @@ def main(argv=None) -> None:
 
 def build(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", action="append", required=True, metavar="[NAME=]KIND:ROOT",
-                        help="kind: mvtec, visa, realiad, meta or folder")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--records", type=int, default=1000, help="new records (replay comes on top)")
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--synthetic-fraction", type=float, default=0.5)
-    parser.add_argument("--replay", help="earlier stage folder to mix in")
-    parser.add_argument("--replay-ratio", type=float, default=0.5)
-    parser.add_argument("--benchmark", action="append", default=[], metavar="KIND:ROOT")
-    parser.add_argument("--max-pixels", type=int, default=28 * 28 * 1280, help="the target processor's max_pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--records-per-shard", type=int, default=1000)
-    parser.add_argument("--restart", action="store_true")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="leave out (and count) unusable samples instead of stopping at the first")
+    add_dataset_arguments(parser, replay_ratio=0.5)
+    parser.add_argument("--group-size", type=int, default=4, help="images per odd-one-out group")
+    parser.add_argument("--synthetic-fraction", type=float, default=0.5, help="share of synthetic defects")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -62,16 +50,8 @@ def build(argv=None) -> None:
     pools = index_sources(sources, held_out, skip_bad=args.skip_bad)
     options = Stage2Options(records=args.records, group_size=args.group_size,
                             synthetic_fraction=args.synthetic_fraction, resize=ResizeRule(max_pixels=args.max_pixels))
-    roots = stage_roots(out, sources)
     records = stage2_records(pools, SyntheticDefects(out / "synthetic", pools), options, args.seed)
-    total = args.records
-    if args.replay:
-        replay_roots, replay_records = replayed(Path(args.replay), args.replay_ratio, args.seed)
-        roots.update(replay_roots)
-        records = (r for part in (records, replay_records) for r in part)
-        total = None
-    info = write_stage(out, 2, roots, records, held_out, args.records_per_shard, resume=not args.restart,
-                       config=vars(args), progress_total=total)
+    info = write_with_replay(args, 2, stage_roots(out, sources), records, held_out)
     print(f"Wrote {info.num_records} stage-2 records in {len(info.shards)} shards to {out}")
 
 

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from iadgpt.data.samples import DataError
 from iadgpt.data.builders import (
     DatasetSource,
     Stage3Options,
+    add_dataset_arguments,
     benchmark_test_images,
     index_sources,
     load_captions,
-    replayed,
     stage3_records,
-    write_stage,
+    write_with_replay,
 )
 from iadgpt.data.tasks import ResizeRule
 
@@ -39,40 +38,20 @@ def main(argv=None) -> None:
 
 def build(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", action="append", required=True, metavar="[NAME=]KIND:ROOT")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--records", type=int, default=1000, help="new records (replay comes on top)")
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--abnormal-references", type=int, default=0)
+    add_dataset_arguments(parser, replay_ratio=0.8)
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4], help="exemplar counts, used in turn")
+    parser.add_argument("--abnormal-references", type=int, default=0, help="defective examples shown (NAGL)")
     parser.add_argument("--categories", nargs="*", help="only these categories")
-    parser.add_argument("--replay", help="earlier stage folder to mix in")
-    parser.add_argument("--replay-ratio", type=float, default=0.8)
-    parser.add_argument("--benchmark", action="append", default=[], metavar="KIND:ROOT")
-    parser.add_argument("--max-pixels", type=int, default=28 * 28 * 1280, help="the target processor's max_pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--records-per-shard", type=int, default=1000)
-    parser.add_argument("--restart", action="store_true")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="leave out (and count) unusable samples instead of stopping at the first")
     args = parser.parse_args(argv)
 
-    out = Path(args.out)
     sources = [DatasetSource.parse(d) for d in args.dataset]
     held_out = benchmark_test_images([DatasetSource.parse(b) for b in args.benchmark])
     pools = index_sources(sources, held_out, set(args.categories) if args.categories else None, args.skip_bad)
     options = Stage3Options(records=args.records, shots=tuple(args.shots), abnormal_references=args.abnormal_references,
                             resize=ResizeRule(max_pixels=args.max_pixels))
-    roots = {s.name: str(s.root) for s in sources}
     records = stage3_records(pools, options, args.seed, load_captions(sources))
-    total = args.records
-    if args.replay:
-        replay_roots, replay_records = replayed(Path(args.replay), args.replay_ratio, args.seed)
-        roots.update(replay_roots)
-        records = (r for part in (records, replay_records) for r in part)
-        total = None
-    info = write_stage(out, 3, roots, records, held_out, args.records_per_shard, resume=not args.restart,
-                       config=vars(args), progress_total=total)
-    print(f"Wrote {info.num_records} stage-3 records in {len(info.shards)} shards to {out}")
+    info = write_with_replay(args, 3, {s.name: str(s.root) for s in sources}, records, held_out)
+    print(f"Wrote {info.num_records} stage-3 records in {len(info.shards)} shards to {args.out}")
 
 
 if __name__ == "__main__":

@@ -412,3 +412,35 @@ def stage_roots(out: Path, sources: Sequence[DatasetSource]) -> dict[str, str]:
     roots = {s.name: str(s.root) for s in sources}
     roots.update(synthetic=str(Path(out) / "synthetic"), stage=str(Path(out)))
     return roots
+
+
+# -- what the stage-2 and stage-3 recipes share --------------------------------------------------
+def add_dataset_arguments(parser, replay_ratio: float) -> None:
+    """The command-line options every dataset-based builder takes."""
+    parser.add_argument("--dataset", action="append", required=True, metavar="[NAME=]KIND:ROOT",
+                        help="kind: mvtec, visa, realiad, meta or folder")
+    parser.add_argument("--out", required=True, help="stage folder to write")
+    parser.add_argument("--records", type=int, default=1000, help="new records (replay comes on top)")
+    parser.add_argument("--replay", help="earlier stage folder to mix in")
+    parser.add_argument("--replay-ratio", type=float, default=replay_ratio, help="share of its records mixed in")
+    parser.add_argument("--benchmark", action="append", default=[], metavar="KIND:ROOT",
+                        help="a benchmark dataset whose test split must never appear in training records")
+    parser.add_argument("--max-pixels", type=int, default=28 * 28 * 1280, help="the target processor's max_pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--records-per-shard", type=int, default=1000)
+    parser.add_argument("--restart", action="store_true", help="rebuild from scratch instead of resuming")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out (and count) unusable samples instead of stopping at the first")
+
+
+def write_with_replay(args, stage: int, roots: dict[str, str], records: Iterator[TrainingRecord],
+                      benchmark_test: set[Path]) -> StageInfo:
+    """Write the new records, then the replayed share of `--replay`, into `--out`."""
+    total = args.records
+    if args.replay:
+        replay_roots, replay_records = replayed(Path(args.replay), args.replay_ratio, args.seed)
+        roots = {**roots, **replay_roots}
+        records = (r for part in (records, replay_records) for r in part)
+        total = None
+    return write_stage(Path(args.out), stage, roots, records, benchmark_test, args.records_per_shard,
+                       resume=not args.restart, config=vars(args), progress_total=total)
