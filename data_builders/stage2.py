@@ -1,6 +1,6 @@
 """Stage 2 records: discrepancy awareness, with real and synthetic (CutPaste, scar, Perlin) defects.
 
-    python data_builders/stage2.py --dataset factory=mvtec:data/factory --records 3000 \
+    python data_builders/stage2.py --dataset factory=mvtec:data/factory --records 3000 \\
         --replay data/stage1 --replay-ratio 0.5 --out data/stage2
 
 Three proxy tasks in turn: the odd image out of a group of one product, the regions where two

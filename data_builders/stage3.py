@@ -1,6 +1,6 @@
 """Stage 3 records: few-shot (1/2/4) in-context detection, localization and reasoning.
 
-    python data_builders/stage3.py --dataset factory=mvtec:data/factory --records 3000 \
+    python data_builders/stage3.py --dataset factory=mvtec:data/factory --records 3000 \\
         --replay data/stage2 --replay-ratio 0.8 --out data/stage3
 
 Every record shows k normal exemplars of the query's product, then the query, then a question:
