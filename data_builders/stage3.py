@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from itertools import chain
+from pathlib import Path
 
-from iadgpt.data.samples import DataError
 from iadgpt.data.builders import (
     DatasetSource,
     Stage3Options,
     add_dataset_arguments,
     benchmark_test_images,
     index_sources,
+    instruction_records,
     load_captions,
     stage3_records,
     write_with_replay,
 )
+from iadgpt.data.readers import LLaVAConversationReader
+from iadgpt.data.samples import DataError
 from iadgpt.data.tasks import ResizeRule
 
 
@@ -42,6 +46,11 @@ def build(argv=None) -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4], help="exemplar counts, used in turn")
     parser.add_argument("--abnormal-references", type=int, default=0, help="defective examples shown (NAGL)")
     parser.add_argument("--categories", nargs="*", help="only these categories")
+    parser.add_argument("--instructions", action="append", default=[], metavar="FILE",
+                        help="LLaVA-style instruction data (Anomaly-Instruct-125k JSON/JSONL) for reasoning records")
+    parser.add_argument("--instructions-root", help="folder its image paths are relative to (default: its folder)")
+    parser.add_argument("--instruction-shots", type=int, nargs="+", default=[1, 2, 4],
+                        help="normal references shown before instruction images of a known category")
     args = parser.parse_args(argv)
 
     sources = [DatasetSource.parse(d) for d in args.dataset]
@@ -50,7 +59,14 @@ def build(argv=None) -> None:
     options = Stage3Options(records=args.records, shots=tuple(args.shots), abnormal_references=args.abnormal_references,
                             resize=ResizeRule(max_pixels=args.max_pixels))
     records = stage3_records(pools, options, args.seed, load_captions(sources))
-    info = write_with_replay(args, 3, {s.name: str(s.root) for s in sources}, records, held_out)
+    roots = {s.name: str(s.root) for s in sources}
+    for number, path in enumerate(args.instructions):
+        image_root = Path(args.instructions_root or Path(path).parent)
+        reader = LLaVAConversationReader(path, image_root=image_root, skip_bad=args.skip_bad)
+        roots[f"instructions{number}"] = str(image_root.resolve())
+        records = chain(records, instruction_records(reader.conversations(), image_root, pools,
+                                                     args.instruction_shots, args.seed, f"instructions{number}"))
+    info = write_with_replay(args, 3, roots, records, held_out)
     print(f"Wrote {info.num_records} stage-3 records in {len(info.shards)} shards to {args.out}")
 
 

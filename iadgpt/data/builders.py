@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..model.settings import DetectionQuestion
 from . import tasks
 from .readers import open_dataset
 from .records import ShardWriter, StageInfo, TrainingRecord, read_records
 from .samples import DataError, Sample, load_image, load_mask
 from .synthesis import cutpaste_patch, cutpaste_scar, foreground_mask, perlin_blend
-from ..model.settings import DetectionQuestion
 
 
 @dataclass(frozen=True)
@@ -353,6 +353,43 @@ def stage3_records(pools: list[CategoryPool], options: Stage3Options, seed: int,
             mask=src.relative(query.mask_path) if defective and task != "reasoning" else None,
             label=int(defective), category=pool.category, source=pool.key,
             meta={"defect": kind, "shots": shots})
+
+
+def instruction_records(conversations: Iterable, image_root: Path, pools: list[CategoryPool],
+                        shots: Sequence[int], seed: int, root_name: str = "instructions") -> Iterator[TrainingRecord]:
+    """Reasoning records from LLaVA-style instruction data (e.g. Anomaly-Instruct-125k).
+
+    A single-image conversation whose image file lies under one of the `--dataset` roots belongs to
+    that dataset's category: it becomes few-shot, with k normal references of the category shown
+    before it (as in the paper, which turned Anomaly-Instruct few-shot where same-category images
+    existed). Others stay zero-shot (web images have no references). Later turns are text only.
+    """
+    owner = {Path(s.image_path).resolve(): pool for pool in pools
+             for s in [*pool.train_normals, *pool.test_normals, *pool.anomalies]}
+    image_root = Path(image_root).resolve()
+    for index, conversation in enumerate(conversations):
+        rng = record_rng(seed, 30, index)
+        question = conversation.turns[0].text.replace("<image>", "").strip()
+        later = [tasks.user(tasks.text(t.text)) if t.role == "human" else tasks.assistant(t.text)
+                 for t in conversation.turns[2:]]
+        images = [Path(p).resolve() for p in conversation.images]
+        pool = owner.get(images[0]) if len(images) == 1 else None
+        k = shots[index % len(shots)] if shots else 0
+        normals = [n for n in ((pool.train_normals or pool.test_normals) if pool else [])
+                   if Path(n.image_path).resolve() != images[0]]
+        if pool is not None and k and len(normals) >= k:
+            exemplars = pick(rng, normals, k)
+            messages = tasks.few_shot_messages(k, question)
+            paths = [pool.source.relative(n.image_path) for n in exemplars] + [pool.source.relative(images[0])]
+            roles, root, category = ["exemplar"] * k + ["query"], pool.source.name, pool.category
+        else:
+            messages = [tasks.user(*[tasks.IMAGE] * len(images), tasks.text(question))]
+            paths = [p.relative_to(image_root).as_posix() for p in images]
+            roles, root, category = ["query"] if len(images) == 1 else ["other"] * len(images), root_name, None
+        messages.append(tasks.assistant(conversation.turns[1].text))
+        yield TrainingRecord(id=f"s3i-{index:08d}", task="reasoning", root=root, images=paths, image_roles=roles,
+                             messages=messages + later, category=category, source=conversation.source,
+                             meta={"instruction_id": conversation.record_id})
 
 
 def load_captions(sources: Sequence[DatasetSource]) -> dict[Path, str]:

@@ -211,3 +211,35 @@ def test_skip_bad_counts_what_it_leaves_out(factory, tmp_path, capsys):
     assert mask.name.replace("_mask", "") in error and "mask" in error
     build(2, "--dataset", f"fac=mvtec:{copy}", "--records", 6, "--skip-bad", "--out", tmp_path / "lenient")
     assert "fac: skipped 1 bad samples" in capsys.readouterr().out
+
+
+def test_instruction_data_becomes_few_shot_where_the_category_is_known(factory, tmp_path):
+    from PIL import Image
+
+    anomaly = next(p for p in sorted(factory.rglob("test/*/*.png")) if p.parent.name != "good")
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(factory.parent / "web.png")  # a web image: no category
+    data = [
+        {"id": "a", "image": str(anomaly.relative_to(factory.parent)),
+         "conversations": [{"from": "human", "value": "<image>\nWhat is wrong here?"},
+                           {"from": "gpt", "value": "A scratch near the edge."},
+                           {"from": "human", "value": "How could it be avoided?"},
+                           {"from": "gpt", "value": "Handle parts with care."}]},
+        {"id": "b", "image": "web.png",
+         "conversations": [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A dark tile."}]},
+    ]
+    instructions = factory.parent / "instruct.json"
+    instructions.write_text(json.dumps(data))
+    build(3, "--dataset", f"fac=mvtec:{factory}", "--records", 3, "--instructions", instructions,
+          "--instruction-shots", 2, "--out", tmp_path / "s3")
+    records = {r.meta.get("instruction_id"): r for r in read_records(tmp_path / "s3") if r.id.startswith("s3i")}
+    few, zero = records["a"], records["b"]
+    assert few.image_roles == ["exemplar", "exemplar", "query"] and few.root == "fac"
+    assert few.category == anomaly.parts[-4] and few.images[-1] == anomaly.relative_to(factory).as_posix()
+    assert [m["role"] for m in few.messages] == ["user", "assistant", "user", "assistant"]
+    assert few.messages[0]["content"][-1]["text"] == "What is wrong here?"
+    assert few.messages[3]["content"][0]["text"] == "Handle parts with care."
+    assert zero.image_roles == ["query"] and zero.root == "instructions0" and zero.category is None
+    info = StageInfo.read(tmp_path / "s3")
+    for record in (few, zero):
+        for path in record.images:
+            assert info.image_path(record, path).is_file()
