@@ -247,22 +247,25 @@ def train_speed(args) -> dict:
         write_stage(tmp / "stage3", 3, {"factory": str(source.root)},
                     stage3_records(index_sources([source]), Stage3Options(records=400, shots=(2,)), 0))
         checkpoint = init_model(tmp / "small", args.preset)
-        speeds = {}
-        for processes in (1, 2):
-            out = tmp / f"run{processes}"
-            config = "cpu_1proc_zero2.yaml" if processes == 1 else "cpu_2proc_zero2.yaml"
-            subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                            str(repo / "configs" / "accelerate" / config), str(repo / "train" / "train.py"),
-                            "--config", str(repo / "configs" / "stage3.yaml"), f"model={checkpoint}",
-                            f"data={tmp / 'stage3'}", f"output_dir={out}", f"max_steps={args.steps}",
-                            "global_batch_size=8", "per_device_batch_size=2", "mixed_precision=no",
-                            "gradient_checkpointing=false", "num_workers=1", "save_every=100000"],
-                           check=True, cwd=repo, capture_output=True)
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            steady = [row["samples_per_s"] for row in rows[2:]]  # the first steps pay start-up costs
-            speeds[processes] = statistics.median(steady)
-            print(f"{processes} process(es): median {speeds[processes]:.1f} samples/s over steps 3-{len(rows)}, "
-                  f"final loss {rows[-1]['loss']:.3f}")
+        # Interleaved repeats, best of each: other work on a shared machine only ever slows a run down.
+        speeds = {1: [], 2: []}
+        for repeat in range(args.repeats):
+            for processes in (1, 2):
+                out = tmp / f"run{processes}-{repeat}"
+                config = "cpu_1proc_zero2.yaml" if processes == 1 else "cpu_2proc_zero2.yaml"
+                subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                str(repo / "configs" / "accelerate" / config), str(repo / "train" / "train.py"),
+                                "--config", str(repo / "configs" / "stage3.yaml"), f"model={checkpoint}",
+                                f"data={tmp / 'stage3'}", f"output_dir={out}", f"max_steps={args.steps}",
+                                "global_batch_size=8", "per_device_batch_size=2", "mixed_precision=no",
+                                "gradient_checkpointing=false", "num_workers=0", "save_every=100000"],
+                               check=True, cwd=repo, capture_output=True)
+                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                steady = statistics.median(row["samples_per_s"] for row in rows[2:])  # after start-up steps
+                speeds[processes].append(steady)
+                print(f"{processes} process(es), run {repeat + 1}: median {steady:.1f} samples/s over steps "
+                      f"3-{len(rows)}, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+        speeds = {processes: max(values) for processes, values in speeds.items()}
     return {"bench": "train", "samples_per_s_1proc": round(speeds[1], 2), "samples_per_s_2proc": round(speeds[2], 2),
             "scaling": round(speeds[2] / speeds[1], 3)}
 
@@ -299,6 +302,7 @@ def main(argv=None) -> None:
             p.add_argument("--out", required=True)
             p.add_argument("--result", required=True)
         if name == "train":
+            p.set_defaults(repeats=2)
             p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (8 samples each)")
             p.add_argument("--preset", default="small", help="init-model preset")
     args = parser.parse_args(argv)
