@@ -41,7 +41,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> None:
     info, dataset, _ = load_stage_data(cfg, processor, main_process)
     collator = RecordCollator(processor, info, pixel_loss_on_normals=cfg.pixel_loss_on_normals)
     loader = build_dataloader(cfg, dataset, collator)
-    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
+    # len(loader) counts the batches of all processes: after prepare() each process gets its share.
+    steps_per_epoch = math.ceil(len(loader) / (accelerator.num_processes * accelerator.gradient_accumulation_steps))
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     optimizer, scheduler = build_optimizer(cfg, model, total_steps, accelerator.num_processes)
     if main_process:
