@@ -25,6 +25,7 @@ from .trainer import (
     fault_injection,
     load_latest_checkpoint,
     load_stage_data,
+    model_state_gib,
     save_checkpoint,
     save_final_model,
     token_estimate,
@@ -51,6 +52,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> None:
               f"{accelerator.gradient_accumulation_steps} accumulation)")
         settings = accelerator.unwrap_model(model)
         settings = getattr(settings, "iadgpt", None) or settings.base_model.model.iadgpt
+        zero = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None
+        memory = model_state_gib(model, accelerator.num_processes, zero, cfg.mixed_precision)
+        print(f"  model states per process (ZeRO-{zero or 0}): weights {memory['weights']:.2f} GiB, gradients "
+              f"{memory['gradients']:.2f} GiB, AdamW {memory['optimizer']:.2f} GiB, plus activations")
         for row in token_estimate(processor, settings):
             print(f"  tokens per sample at {row['image']}, {row['shots']}-shot: {row['tokens']}"
                   f" ({row['tokens_compressed']} with exemplar compression)")

@@ -345,6 +345,24 @@ class StepMeter:
         return values
 
 
+def model_state_gib(model, processes: int, zero_stage: int | None, mixed_precision: str) -> dict:
+    """GiB per process for weights, gradients and AdamW states (activations come on top).
+
+    Mixed precision keeps 16-bit weights and gradients plus fp32 master weights and two fp32 Adam
+    moments (2 + 2 + 12 bytes per trainable parameter); fp32 training 4 + 4 + 8. ZeRO-1/2 shard the
+    optimizer states (and ZeRO-2 the gradients) over the processes; ZeRO-3 also the weights.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    half = mixed_precision in ("bf16", "fp16")
+    weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if half else (4, 4, 8)
+    stage = zero_stage or 0
+    shard = lambda n, from_stage: n / processes if stage >= from_stage else n  # noqa: E731
+    gib = 1024 ** 3
+    return {"weights": shard(total * weight_bytes, 3) / gib, "gradients": shard(trainable * grad_bytes, 2) / gib,
+            "optimizer": shard(trainable * optim_bytes, 1) / gib}
+
+
 def token_estimate(processor, settings, image_sizes=((448, 448), (1024, 1024)), shots=(0, 1, 2, 4),
                    prompt_tokens: int = 80) -> list[dict]:
     """Tokens per stage-3 sample by shot count and resolution, with and without exemplar compression."""

@@ -74,3 +74,16 @@ def test_text_only_batch_gets_a_dummy_image(tiny_processor, tmp_path):
     batch = RecordCollator(tiny_processor, StageInfo.read(tmp_path / "s1"))([record])
     assert "pixel_values" not in batch and batch["dummy_pixel_values"].shape[0] > 0
     assert np.array_equal(batch["dummy_image_grid_thw"].numpy(), [[1, 4, 4]])  # the smallest image allowed
+
+
+def test_model_state_estimate_follows_the_zero_stage():
+    from iadgpt.training.trainer import model_state_gib
+
+    model = torch.nn.Linear(1000, 1000, bias=False)  # 1e6 trainable parameters
+    gib = 1024 ** 3
+    zero2 = model_state_gib(model, processes=8, zero_stage=2, mixed_precision="bf16")
+    assert zero2 == pytest.approx({"weights": 2e6 / gib, "gradients": 2e6 / 8 / gib, "optimizer": 12e6 / 8 / gib})
+    zero3 = model_state_gib(model, processes=8, zero_stage=3, mixed_precision="bf16")
+    assert zero3["weights"] == pytest.approx(2e6 / 8 / gib)
+    plain = model_state_gib(model, processes=2, zero_stage=None, mixed_precision="no")
+    assert plain == pytest.approx({"weights": 4e6 / gib, "gradients": 4e6 / gib, "optimizer": 8e6 / gib})
