@@ -70,11 +70,15 @@ PRESETS: dict[str, ModelPreset] = {
         mrope_section=(2, 3, 3), vision_hidden=32, vision_depth=4, vision_heads=2, vision_intermediate=64,
         fullatt_blocks=(1, 3), patch_size=14, window_size=56,
     ),
-    # The built-in demo's learner: a few million parameters, tens of steps per second on 2 CPU cores.
+    # The quickstart's learner: about a million parameters, whose training step costs a quarter of
+    # a 3.5 M model's on one CPU core (docs/quickstart-experiments.md). 10-px patches give a 128-px
+    # image (resized to 120) a 6 x 6 grid of visual tokens (Qwen's 14-px patches: 5 x 5 at 140 px),
+    # for pixel maps of small defects; 120-px windows make every vision block attend over a whole
+    # quickstart image in one call.
     "small": ModelPreset(
-        text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=512,
-        mrope_section=(8, 12, 12), vision_hidden=96, vision_depth=4, vision_heads=4, vision_intermediate=192,
-        fullatt_blocks=(1, 3), patch_size=14, window_size=56,
+        text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=256,
+        mrope_section=(4, 6, 6), vision_hidden=64, vision_depth=4, vision_heads=2, vision_intermediate=128,
+        fullatt_blocks=(1, 3), patch_size=10, window_size=120, min_pixels=40 * 40, max_pixels=240 * 240,
     ),
 }
 

@@ -1,0 +1,101 @@
+"""Metrics by defect kind, read from a finished detection benchmark (its manifest and score cache).
+
+Why: the synthetic factory has two kinds of defect that test different abilities. Local defects
+(scratches, holes, ...) are visible in the query alone and have masks; in-context-only defects
+(a wrong colour, count or pattern) look perfectly normal on their own and are defects only
+against the category's normal exemplars. One AUROC over both hides which ability a model has, so
+this module scores each kind against the same normal images:
+
+* `image_auroc_local`: local-defect images vs normal images;
+* `image_auroc_in_context`: in-context-only images vs normal images;
+* `pixel_auroc`: every pixel of the local-defect and normal images (in-context masks cover whole
+  products, which is not localisation).
+
+Each metric is computed per category and averaged over categories (the benchmark's convention),
+then averaged over the few-shot seeds. Nothing is re-scored: the scores and token maps come from
+the benchmark's cache, the references and queries from its manifest, the masks through the same
+`load_ground_truth` and `upsample_token_map` the benchmark itself uses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .detection import DetectionSettings, ScoreCache, load_ground_truth, plan_benchmark, upsample_token_map
+from .metrics import image_metrics, normalize_per_category, pixel_metrics, summarize_over_seeds
+
+KIND_METRICS = ("image_auroc_local", "image_auroc_in_context", "pixel_auroc")
+"""The three numbers reported per k and method."""
+
+
+def defect_classes(images_jsonl: str | Path) -> dict[str, str]:
+    """Image path (relative to the dataset root) -> "normal", "local" or "in_context" (factory images.jsonl)."""
+    classes = {}
+    with Path(images_jsonl).open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                item = json.loads(line)
+                classes[item["image"]] = item["defect_class"]
+    return classes
+
+
+def _mean_over_categories(values: list[float]) -> float:
+    # NaN (a category where the metric is undefined) propagates, as everywhere in metrics.py.
+    return float(np.mean(values)) if values else float("nan")
+
+
+def run_metrics_by_kind(queries, records: dict[str, dict], key, classes: dict[str, str], truth) -> dict[str, float]:
+    """The three metrics of one category in one (k, seed) run."""
+    by_class: dict[str, list] = {"normal": [], "local": [], "in_context": []}
+    for sample in queries:
+        by_class[classes[key(sample.image_path)]].append(sample)
+    result = {}
+    for name, kind in (("image_auroc_local", "local"), ("image_auroc_in_context", "in_context")):
+        chosen = by_class["normal"] + by_class[kind]
+        if not by_class[kind]:
+            continue  # the category has no defect of this kind: the metric does not apply to it
+        labels = [0] * len(by_class["normal"]) + [1] * len(by_class[kind])
+        scores = [records[key(s.image_path)]["score"] for s in chosen]
+        result[name] = image_metrics(labels, scores)["image_auroc"]
+    chosen = by_class["normal"] + by_class["local"]
+    if by_class["local"]:
+        masks = [truth.mask(s.image_path) for s in chosen]
+        maps = normalize_per_category([upsample_token_map(records[key(s.image_path)]["token_map"], m.shape)
+                                       for s, m in zip(chosen, masks)])
+        result["pixel_auroc"] = pixel_metrics(masks, maps)["pixel_auroc"]
+    return result
+
+
+def metrics_by_kind(benchmark_dir: str | Path, root: str | Path, images_jsonl: str | Path,
+                    map_size: int = 128, shots: list[int] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{"<k>": {metric: {"mean", "std"}}} over seeds, from `benchmark_dir`'s manifest.json and cache.
+
+    `root` is the benchmark's dataset root (MVTec layout) and `images_jsonl` the factory's list of
+    images with their defect class. `shots` restricts the k evaluated (default: all in the manifest).
+    """
+    benchmark_dir = Path(benchmark_dir)
+    settings = DetectionSettings(model="", dataset="mvtec", root=str(root), out=str(benchmark_dir),
+                                 manifest=str(benchmark_dir / "manifest.json"), map_size=map_size)
+    plan = plan_benchmark(settings)
+    truth = load_ground_truth(plan, map_size)
+    classes = defect_classes(images_jsonl)
+    cache = ScoreCache(benchmark_dir / "cache")
+    per_k: dict[int, list[dict[str, float]]] = {}
+    for k, seed in plan.runs():
+        if shots is not None and k not in shots:
+            continue
+        records = cache.load(k, seed)
+        per_category: dict[str, list[float]] = {name: [] for name in KIND_METRICS}
+        for category in plan.categories.values():
+            queries = category.run_queries(k, seed)
+            missing = [plan.key(s.image_path) for s in queries if plan.key(s.image_path) not in records]
+            if missing:
+                raise RuntimeError(f"{benchmark_dir}: {k}-shot seed {seed} has no score for {missing[0]} "
+                                   f"(and {len(missing) - 1} more): the benchmark did not finish")
+            for name, value in run_metrics_by_kind(queries, records, plan.key, classes, truth).items():
+                per_category[name].append(value)
+        per_k.setdefault(k, []).append({name: _mean_over_categories(v) for name, v in per_category.items()})
+    return {str(k): summarize_over_seeds(runs, ddof=0 if len(runs) == 1 else 1) for k, runs in sorted(per_k.items())}

@@ -1,0 +1,131 @@
+"""The quickstart end to end at test size (tiny preset, a tiny factory, seconds of training): the
+report's structure, that training moved the model, resuming, and the refusals of bad input.
+
+The full-length run (`iadgpt quickstart`, 15 minutes, small preset) is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from iadgpt.quickstart import (
+    BudgetTooShortError,
+    QuickstartError,
+    QuickstartSettings,
+    prepare_output,
+    read_losses,
+    run_quickstart,
+)
+
+SHOTS = (0, 2)
+
+
+def test_size_settings(**changes) -> QuickstartSettings:
+    """A whole quickstart in about a minute: 9 training and 3 held-out categories at 64 px."""
+    values = dict(
+        minutes=2.0, preset="tiny", image_size=64, train_categories=9, train_normals=5, train_test_normals=1,
+        in_context_categories=3, in_context_anomalies_per_kind=1,
+        held_out_categories=3, held_out_train_normals=4, held_out_test_normals=3, held_out_anomalies_per_kind=1,
+        stage1_records=40, stage2_records=24, stage3_records=300, shots=SHOTS, seeds=1,
+        learning_rates=(2e-3, 2e-3, 2e-3), batch_size=4)
+    values.update(changes)
+    return QuickstartSettings(**values)
+
+
+test_size_settings.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    messages: list[str] = []
+    report = run_quickstart(out, test_size_settings(), say=messages.append)
+    return out, report, messages
+
+
+def test_report_has_every_k_method_and_metric(finished_run):
+    out, report, _ = finished_run
+    assert report == json.loads((out / "report.json").read_text())
+    assert set(report) == {"k", "minutes"}
+    assert sorted(report["k"]) == [str(k) for k in SHOTS]
+    for k in report["k"].values():
+        assert set(k) == {"model", "baseline"}
+        for metrics in k.values():
+            assert set(metrics) == {"image_auroc_local", "image_auroc_in_context", "pixel_auroc"}
+            assert all(value is None or 0.0 <= value <= 1.0 for value in metrics.values())
+    # Without references the baseline has nothing to compare with: chance, by construction.
+    assert report["k"]["0"]["baseline"]["image_auroc_local"] == 0.5
+    assert 0 < report["minutes"] < 5
+    for name in ("report.md", "chat.md", "chat_query.png", "eval/model/manifest.json", "eval/baseline/results.json",
+                 "configs/stage3.yaml"):
+        assert (out / name).is_file(), name
+    assert list((out / "eval" / "model" / "overlays").rglob("*.png"))
+    assert "| k | model: in-context image AUROC" in (out / "report.md").read_text()
+
+
+def test_training_moved_the_model(finished_run):
+    """Every stage's loss fell: the answers' template alone takes a random model from ~ln(vocab) to
+    a fraction of it within the first steps, so this cannot flake the way an AUROC of a few
+    held-out images could."""
+    out, _, _ = finished_run
+    for stage in (1, 2, 3):
+        losses = read_losses(out / "runs" / f"stage{stage}" / "metrics.jsonl")
+        assert len(losses) >= 2, stage
+        assert sum(losses[-2:]) / 2 < 0.8 * losses[0], (stage, losses)
+
+
+def test_rerun_skips_finished_phases_and_resumes_an_interrupted_one(finished_run):
+    out, report, _ = finished_run
+    messages: list[str] = []
+    assert run_quickstart(out, test_size_settings(), say=messages.append) == report
+    skipped = [m for m in messages if "skipped" in m]
+    assert len(skipped) == len(json.loads((out / "state.json").read_text())["phases"]) > 8
+
+    # An interruption before the report: only the report runs again.
+    state = json.loads((out / "state.json").read_text())
+    del state["phases"]["report"]
+    (out / "state.json").write_text(json.dumps(state))
+    (out / "report.json").unlink()
+    messages.clear()
+    again = run_quickstart(out, test_size_settings(), say=messages.append)
+    ran = [m.split(":")[0] for m in messages if "skipped" not in m and m.startswith("[quickstart]")]
+    assert ran == ["[quickstart] report"]
+    assert again["k"] == report["k"]
+
+
+def test_a_different_run_in_the_folder_is_refused(finished_run):
+    out, _, _ = finished_run
+    with pytest.raises(QuickstartError, match=r"holds a different quickstart run \(seed: 0 -> 1\).*--overwrite"):
+        run_quickstart(out, test_size_settings(seed=1))
+
+
+def test_overwrite_removes_only_what_a_quickstart_writes(tmp_path):
+    out = tmp_path / "run"
+    (out / "runs" / "stage1").mkdir(parents=True)
+    (out / "state.json").write_text(json.dumps({"settings": {"seed": 5}, "phases": {}, "plan": {}}))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(QuickstartError, match="different quickstart run"):
+        prepare_output(out, test_size_settings(), overwrite=False)
+    prepare_output(out, test_size_settings(), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    with pytest.raises(QuickstartError, match="is not empty and holds no quickstart run"):
+        prepare_output(other, test_size_settings(), overwrite=False)
+
+
+def test_a_budget_too_short_to_train_is_refused_before_any_work(tmp_path):
+    with pytest.raises(BudgetTooShortError, match=r"a budget of 0.2 minutes is too short to train anything.*--minutes"):
+        run_quickstart(tmp_path / "run", test_size_settings(minutes=0.2))
+    assert not (tmp_path / "run").exists()
+
+
+def test_command_line_reports_a_short_budget_in_one_line(tmp_path):
+    from iadgpt.cli import main
+
+    with pytest.raises(SystemExit, match="iadgpt quickstart: a budget of 0.1 minutes is too short"):
+        main(["quickstart", "--out", str(tmp_path / "run"), "--minutes", "0.1"])
