@@ -35,7 +35,8 @@ ROLE_OTHER = 2  # any other image (abnormal reference, stage-2 group member): le
 class IADGPTOutput(CausalLMOutputWithPast):
     """Qwen2.5-VL's output plus the IADGPT parts.
 
-    lm_loss / focal_loss / dice_loss: the loss parts (`loss` = lm + weight * (focal + dice)).
+    lm_loss / focal_loss / dice_loss / score_loss: the loss parts
+        (`loss` = lm + pixel_loss_weight * (focal + dice) + score_loss_weight * score).
     anomaly_maps / normal_maps: per sample, the `[h, w]` mean attention of the anomaly / normal
         words to the query image's tokens (h, w: the query's merged token grid).
     pixel_scores: per sample, `[h, w]` probability that a token is anomalous, from the two maps.
@@ -45,6 +46,7 @@ class IADGPTOutput(CausalLMOutputWithPast):
     lm_loss: torch.Tensor | None = None
     focal_loss: torch.Tensor | None = None
     dice_loss: torch.Tensor | None = None
+    score_loss: torch.Tensor | None = None
     anomaly_maps: list[torch.Tensor] | None = None
     normal_maps: list[torch.Tensor] | None = None
     pixel_scores: list[torch.Tensor] | None = None
@@ -196,6 +198,27 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         yes, no = self.yes_no_token_ids
         probs = answer_logits[:, [yes, no]].float().softmax(-1)
         return probs[:, 0] if self.iadgpt.detection_question.defect_answer == "Yes" else probs[:, 1]
+
+    def answer_score_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the ("Yes", "No") logit pair that predicts each sample's first answer
+        token, over the samples whose first answer token is "Yes" or "No" (0 when there are none).
+
+        `logits`: `[B, L, V]` for every position; `labels`: `[B, L]`, -100 outside the answers.
+        """
+        if self.yes_no_token_ids is None:
+            raise RuntimeError("Call model.configure_words(tokenizer) (or load with iadgpt.load_model) first.")
+        if logits.shape[1] != labels.shape[1]:
+            raise ValueError("the score loss needs the logits of every position (logits_to_keep=0)")
+        yes, no = self.yes_no_token_ids
+        answered = labels != -100
+        first = answered.int().argmax(1)
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        token = labels[rows, first]
+        usable = answered.any(1) & (first > 0) & ((token == yes) | (token == no))
+        if not usable.any():
+            return logits[:, :1, :1].sum() * 0.0  # keeps the graph whole for every rank
+        pair = logits[rows[usable], first[usable] - 1][:, [yes, no]].float()
+        return torch.nn.functional.cross_entropy(pair, (token[usable] == no).long())
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -382,6 +405,9 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             lm_loss = self.loss_function(logits=logits, labels=lab, vocab_size=cfg.text_config.vocab_size, **kwargs)
         result = IADGPTOutput(logits=logits, past_key_values=outputs.past_key_values, lm_loss=lm_loss,
                               loss=lm_loss, kept_tokens=kept_tokens)
+        if lab is not None and self.iadgpt.score_loss_weight > 0:
+            result.score_loss = self.answer_score_loss(logits, lab)
+            result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
         if want_maps:
             self._attach_maps(result, request, query_grid, pixel_masks)
         return result

@@ -51,6 +51,11 @@ class IADGPTSettings:
     prompt, the normal channel is uniform."""
     pixel_loss_weight: float = 1.0
     """Weight of (focal + Dice) pixel loss added to the language-model loss."""
+    score_loss_weight: float = 0.0
+    """Weight of an extra cross-entropy over the "Yes"/"No" logits at the first answer token of every
+    sample whose answer starts with Yes or No: the image score's own loss. 0 (the paper) leaves the
+    decision to the language-model loss, where it is one token among all the answer tokens of the
+    batch; a model trained from scratch (the quickstart) learns the decision faster with it."""
     focal_gamma: float = 2.0
     """Focusing parameter of the focal loss."""
     focal_alpha: float | None = None

@@ -316,7 +316,7 @@ class MetricsLog:
 class StepMeter:
     """Averages the loss parts over the micro-batches of one optimizer step and across processes."""
 
-    PARTS = ("loss", "lm_loss", "focal_loss", "dice_loss")
+    PARTS = ("loss", "lm_loss", "focal_loss", "dice_loss", "score_loss")
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator

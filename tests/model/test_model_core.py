@@ -317,6 +317,40 @@ def test_pixel_loss_is_added_and_skipped_for_samples_without_mask(tiny_checkpoin
     assert no_mask.focal_loss is None and torch.equal(no_mask.loss, no_mask.lm_loss)
 
 
+def test_score_loss_is_the_yes_no_cross_entropy_at_the_first_answer_token(tiny_checkpoint, tiny_processor,
+                                                                          random_image):
+    model = load_model(tiny_checkpoint, iadgpt={"score_loss_weight": 0.5})
+    question = model.iadgpt.detection_question.text
+    answers = ["Yes, the query image has a scratch defect.", "No, the query image is normal.", "A grey hex nut."]
+    texts = [tiny_processor.apply_chat_template(few_shot_messages(1, question, answer=a), tokenize=False)
+             for a in answers]
+    tiny_processor.tokenizer.padding_side = "right"
+    inputs = tiny_processor(text=texts, images=[random_image() for _ in range(6)], return_tensors="pt", padding=True)
+    prefix = tiny_processor.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    starts = []
+    for b, row in enumerate(inputs["input_ids"].tolist()):
+        start = next(i + len(prefix) for i in range(len(row)) if row[i:i + len(prefix)] == prefix)
+        end = start + row[start:].index(tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        labels[b, start:end + 1] = inputs["input_ids"][b, start:end + 1]
+        starts.append(start)
+    out = model(**inputs, labels=labels)
+
+    yes, no = model.yes_no_token_ids
+    pairs = torch.stack([out.logits[b, starts[b] - 1, [yes, no]] for b in (0, 1)]).float()
+    expected = -(pairs.log_softmax(-1)[0, 0] + pairs.log_softmax(-1)[1, 1]) / 2  # the caption has no decision
+    torch.testing.assert_close(out.score_loss, expected)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * expected)
+    out.loss.backward()
+
+    plain = load_model(tiny_checkpoint)(**inputs, labels=labels)
+    assert plain.score_loss is None and torch.equal(plain.loss, plain.lm_loss)
+    captions_only = model(**{k: v[2:] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")},
+                          pixel_values=inputs["pixel_values"][inputs["pixel_values"].shape[0] * 2 // 3:],
+                          image_grid_thw=inputs["image_grid_thw"][4:], labels=labels[2:])
+    assert captions_only.score_loss.item() == 0.0 and torch.equal(captions_only.loss, captions_only.lm_loss)
+
+
 def test_fusion_weights_get_gradients_change_outputs_and_survive_save_load(tiny_checkpoint, tmp_path, batch):
     model = load_model(tiny_checkpoint)
     fusion = model.model.visual.layer_fusion
