@@ -268,8 +268,13 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
                 second_per_grid_ts=second_per_grid_ts, logits_to_keep=logits_to_keep,
                 mm_encoder_outputs=mm_encoder_outputs, **kwargs)
-            return self._with_dummy_image(IADGPTOutput(**out, lm_loss=out.loss), dummy_pixel_values,
-                                          dummy_image_grid_thw)
+            # Only the fields IADGPTOutput knows: newer transformers add their own (e.g. image_outputs).
+            result = IADGPTOutput(**{k: v for k, v in out.items() if k in IADGPTOutput.__dataclass_fields__},
+                                  lm_loss=out.loss)
+            if labels is not None and self.iadgpt.score_loss_weight > 0:
+                result.score_loss = self.answer_score_loss(result.logits, labels)
+                result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
+            return self._with_dummy_image(result, dummy_pixel_values, dummy_image_grid_thw)
         if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
             raise ValueError("Exemplar compression and pixel maps work on images; videos are not supported "
                              "together with them (pass compress_exemplars=False, pixel_maps=False).")

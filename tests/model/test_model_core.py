@@ -342,6 +342,9 @@ def test_score_loss_is_the_yes_no_cross_entropy_at_the_first_answer_token(tiny_c
     torch.testing.assert_close(out.score_loss, expected)
     torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * expected)
     out.loss.backward()
+    stock_path = model(**inputs, labels=labels, compress_exemplars=False)  # Qwen's own forward, 1 shot: same
+    torch.testing.assert_close(stock_path.score_loss, out.score_loss)
+    torch.testing.assert_close(stock_path.loss, out.loss)
 
     plain = load_model(tiny_checkpoint)(**inputs, labels=labels)
     assert plain.score_loss is None and torch.equal(plain.loss, plain.lm_loss)
