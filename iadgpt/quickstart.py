@@ -355,9 +355,14 @@ def training_seconds(settings: QuickstartSettings, elapsed: float, evaluation: f
             f"after {elapsed / 60:.1f} minutes of data preparation and with about {evaluation / 60:.1f} minutes of "
             f"evaluation ahead, a budget of {settings.minutes:g} minutes leaves {max(left, 0) / 60:.1f} minutes for "
             f"training, less than the {minimum / 60:.1f} it needs; use a larger --minutes")
+    return split_over_stages(settings, left)
+
+
+def split_over_stages(settings: QuickstartSettings, seconds: float) -> dict[int, float]:
+    """`seconds` of training shared by the stages in proportion to their `stage_shares`."""
     shares = {stage: settings.stage_shares[stage - 1] for stage in settings.stages}
     total = sum(shares.values())
-    return {stage: left * share / total for stage, share in shares.items()}
+    return {stage: seconds * share / total for stage, share in shares.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,8 +563,8 @@ class Quickstart:
         return {"records": info.num_records}
 
     def make_stage2_data(self) -> dict:
-        from .data.builders import (Stage2Options, SyntheticDefects, index_sources, replayed, stage2_records,
-                                    stage_roots, write_stage)
+        from .data.builders import (Stage2Options, SyntheticDefects, index_sources, stage2_records, stage_roots,
+                                    with_replay, write_stage)
 
         s = self.settings
         out = self.paths.stage_data(2)
@@ -569,15 +574,13 @@ class Quickstart:
         records = stage2_records(pools, SyntheticDefects(out / "synthetic", pools),
                                  Stage2Options(records=s.stage2_records, resize=self.resize_rule()), s.seed)
         if s.stage2_replay > 0 and 1 in s.stages:
-            replay_roots, replay = replayed(self.paths.stage_data(1), s.stage2_replay, s.seed)
-            roots.update(replay_roots)
-            records = (r for part in (records, replay) for r in part)
+            roots, records = with_replay(roots, records, self.paths.stage_data(1), s.stage2_replay, s.seed)
         info = write_stage(out, 2, roots, records, held_out, config={"quickstart": s.document()},
                            progress_total=s.stage2_records)
         return {"records": info.num_records}
 
     def make_stage3_data(self) -> dict:
-        from .data.builders import Stage3Options, index_sources, load_captions, replayed, stage3_records, write_stage
+        from .data.builders import Stage3Options, index_sources, load_captions, stage3_records, with_replay, write_stage
 
         s = self.settings
         held_out = self.benchmark_images()
@@ -588,9 +591,7 @@ class Quickstart:
                                 reasoning_fraction=s.reasoning_fraction, resize=self.resize_rule())
         records = stage3_records(pools, options, s.seed, load_captions(sources))
         if s.stage3_replay > 0 and 2 in s.stages:
-            replay_roots, replay = replayed(self.paths.stage_data(2), s.stage3_replay, s.seed)
-            roots.update(replay_roots)
-            records = (r for part in (records, replay) for r in part)
+            roots, records = with_replay(roots, records, self.paths.stage_data(2), s.stage3_replay, s.seed)
         info = write_stage(self.paths.stage_data(3), 3, roots, records, held_out, config={"quickstart": s.document()},
                            progress_total=s.stage3_records)
         return {"records": info.num_records}
@@ -599,10 +600,8 @@ class Quickstart:
     def training_plan(self) -> dict[str, float]:
         """Seconds per training stage, fixed once (before the first stage) and kept on resume."""
         if "training_seconds" not in self.state.plan and self.training_budget is not None:
-            s = self.settings
-            shares = {stage: s.stage_shares[stage - 1] for stage in s.stages}
-            self.state.plan["training_seconds"] = {str(stage): self.training_budget * share / sum(shares.values())
-                                                   for stage, share in shares.items()}
+            self.state.plan["training_seconds"] = {
+                str(stage): seconds for stage, seconds in split_over_stages(self.settings, self.training_budget).items()}
             self.state.save()
         if "training_seconds" not in self.state.plan:
             s = self.settings

@@ -470,14 +470,20 @@ def add_dataset_arguments(parser, replay_ratio: float) -> None:
                         help="leave out (and count) unusable samples instead of stopping at the first")
 
 
+def with_replay(roots: dict[str, str], records: Iterable[TrainingRecord], folder: Path, ratio: float,
+                seed: int) -> tuple[dict[str, str], Iterator[TrainingRecord]]:
+    """The new records followed by the replayed `ratio` share of an earlier stage's `folder`, with
+    the roots of both."""
+    replay_roots, replay_records = replayed(Path(folder), ratio, seed)
+    return {**roots, **replay_roots}, (r for part in (records, replay_records) for r in part)
+
+
 def write_with_replay(args, stage: int, roots: dict[str, str], records: Iterator[TrainingRecord],
                       benchmark_test: set[Path]) -> StageInfo:
     """Write the new records, then the replayed share of `--replay`, into `--out`."""
     total = args.records
     if args.replay:
-        replay_roots, replay_records = replayed(Path(args.replay), args.replay_ratio, args.seed)
-        roots = {**roots, **replay_roots}
-        records = (r for part in (records, replay_records) for r in part)
+        roots, records = with_replay(roots, records, args.replay, args.replay_ratio, args.seed)
         total = None
     return write_stage(Path(args.out), stage, roots, records, benchmark_test, args.records_per_shard,
                        resume=not args.restart, config=vars(args), progress_total=total)
