@@ -28,7 +28,6 @@ the hard stop. A budget that leaves too little training time is refused before a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -809,17 +808,9 @@ class Quickstart:
 
 
 def ask_each(inspector, query, references, questions: list[str]) -> list[str]:
-    """Each question asked as the first turn of its own conversation (the layout training taught),
-    through `iadgpt.dialogue` when it is there, else through the inspector's own generation."""
-    try:
-        from .dialogue import Dialogue, reply
-    except ImportError:
-        answers = []
-        for question in questions:
-            inspector.question = dataclasses.replace(inspector.question, text=question)
-            [result] = inspector.inspect([query], [references], with_text=True, max_new_tokens=64)
-            answers.append(result.text)
-        return answers
+    """Each question asked as the first turn of its own conversation (the layout training taught)."""
+    from .dialogue import Dialogue, reply
+
     return [reply(inspector.model, inspector.processor, [Dialogue(query, list(references))], [question],
                   max_new_tokens=64)[0] for question in questions]
 
