@@ -129,3 +129,24 @@ def test_command_line_reports_a_short_budget_in_one_line(tmp_path):
 
     with pytest.raises(SystemExit, match="iadgpt quickstart: a budget of 0.1 minutes is too short"):
         main(["quickstart", "--out", str(tmp_path / "run"), "--minutes", "0.1"])
+
+
+def test_ablations_write_one_row_per_variant_and_retention(finished_run):
+    from iadgpt.ablations import RETENTIONS, TRAINED_VARIANTS, run_ablations
+
+    out, _, _ = finished_run
+    messages: list[str] = []
+    document = run_ablations(out, test_size_settings(), say=messages.append)
+    names = [row["name"] for row in document["rows"]]
+    assert names == ["full", *TRAINED_VARIANTS, *(f"retention_{round(r * 100)}" for r in RETENTIONS)]
+    assert document == json.loads((out / "ablations" / "ablations.json").read_text())
+    table = (out / "ablations" / "ablations.md").read_text()
+    assert table.count("\n| ") == len(names) + 1  # header + one line per row
+    # Every variant trained from the shared data, for the quickstart's training minutes, in its own folder.
+    for name, (_, changes) in TRAINED_VARIANTS.items():
+        state = json.loads((out / "ablations" / name / "state.json").read_text())
+        assert set(changes) <= set(state["settings"]), name
+        assert not (out / "ablations" / name / "data").exists(), name
+    full = document["rows"][0]
+    for row in document["rows"]:
+        assert row["training_minutes"] == full["training_minutes"]
