@@ -23,6 +23,7 @@ from .attention_maps import AttentionMapRecorder, AttentionMapRequest, padded_po
 from .compression import compress_exemplar_tokens
 from .fusion import VisualLayerFusion
 from .losses import dice_loss, focal_loss
+from .residuals import InContextResidual
 from .settings import IADGPTSettings
 
 # Roles of the images of one sample (argument `image_roles`, one entry per image in the batch).
@@ -152,6 +153,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             fusion = VisualLayerFusion(settings.vision_fusion_layers, settings.fusion_init_last_weight)
             self.model.visual.layer_fusion = fusion
             fusion.attach(self.model.visual)
+        if settings.in_context_residuals:
+            self.in_context_residual = InContextResidual(config.text_config.hidden_size)
         self.attention_map_recorder = AttentionMapRecorder(
             self.model.language_model.layers, settings.attention_map_layers
         )
@@ -168,6 +171,12 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if fusion is not None and not getattr(fusion, "_is_hf_initialized", False):
             init.copy_(fusion.logits, fusion.initial_logits())
             fusion._is_hf_initialized = True
+        residual = getattr(self, "in_context_residual", None)
+        if residual is not None and not getattr(residual, "_is_hf_initialized", False):
+            # Zero: the residual embeddings add nothing until training has learned them.
+            init.zeros_(residual.residual_weight)
+            init.zeros_(residual.distance_embedding)
+            residual._is_hf_initialized = True
         super().initialize_weights()
 
     # -- words ----------------------------------------------------------------------------------
@@ -258,7 +267,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         # generate() encodes the images before the prefill and passes them as `mm_encoder_outputs`.
         encoded_images = (mm_encoder_outputs or {}).get("image")
         has_images = pixel_values is not None or encoded_images is not None
-        if cached or not has_images or input_ids is None or not (compress or want_maps):
+        residuals = self.iadgpt.in_context_residuals
+        if cached or not has_images or input_ids is None or not (compress or want_maps or residuals):
             if want_maps and not cached:
                 raise ValueError("Pixel maps need `input_ids` and `pixel_values` (a query image).")
             out = super().forward(
@@ -274,16 +284,28 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             if labels is not None and self.iadgpt.score_loss_weight > 0:
                 result.score_loss = self.answer_score_loss(result.logits, labels)
                 result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
+            result = self._with_unused_residual(result, used=False)
             return self._with_dummy_image(result, dummy_pixel_values, dummy_image_grid_thw)
         if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
-            raise ValueError("Exemplar compression and pixel maps work on images; videos are not supported "
-                             "together with them (pass compress_exemplars=False, pixel_maps=False).")
+            raise ValueError("Exemplar compression, in-context residuals and pixel maps work on images; videos are "
+                             "not supported together with them (pass compress_exemplars=False, pixel_maps=False "
+                             "and load with in_context_residuals=False).")
         if encoded_images is None:
             encoded_images = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         return self._inspect_forward(
             input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, encoded_images.pooler_output,
             image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress, compress_exemplars is True,
             map_samples if want_maps else None, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs)
+
+    def _with_unused_residual(self, output: IADGPTOutput, used: bool) -> IADGPTOutput:
+        """In training, a forward whose batch has no exemplars still runs the residual module (times
+        zero), so every rank runs the same modules: ZeRO-3 gathers a module's weights collectively."""
+        residual = getattr(self, "in_context_residual", None)
+        if residual is None or used or not self.training or output.loss is None:
+            return output
+        probe = residual.distance_embedding.new_zeros(1, residual.distance_embedding.shape[0])
+        output.loss = output.loss + 0.0 * residual(probe, probe).sum()
+        return output
 
     def _with_dummy_image(self, output: IADGPTOutput, pixel_values, grid_thw) -> IADGPTOutput:
         if pixel_values is not None and output.loss is not None:
@@ -300,14 +322,26 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
-        # 1. Embed, encode the images and scatter them, exactly as Qwen2.5-VL does.
+        # 1. Which image of which sample plays which role.
+        spans = image_spans(input_ids, cfg.image_token_id)
+        counts = [len(s) for s in spans]
+        if sum(counts) != len(image_embeds):
+            raise ValueError(f"The prompts hold {sum(counts)} images but {len(image_embeds)} were encoded.")
+        roles = default_image_roles(counts) if image_roles is None else [int(r) for r in image_roles]
+        if len(roles) != len(image_embeds):
+            raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
+        residual_used = False
+        if self.iadgpt.in_context_residuals:
+            image_embeds, residual_used = self._add_in_context_residuals(list(image_embeds), counts, roles)
+
+        # 2. Embed the text and scatter the images into it, exactly as Qwen2.5-VL does.
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
         flat_embeds = torch.cat(image_embeds, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
                                                         image_features=flat_embeds)
         inputs_embeds = inputs_embeds.masked_scatter(image_mask, flat_embeds)
 
-        # 2. 3-D M-RoPE positions on the full sequence: pruning must not renumber them.
+        # 3. 3-D M-RoPE positions on the full sequence: pruning must not renumber them.
         if position_ids is None:
             if image_grid_thw is None:
                 raise ValueError("image_grid_thw is needed to compute the M-RoPE positions of the images.")
@@ -317,15 +351,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
             self.model.rope_deltas = rope_deltas
 
-        # 3. Which image of which sample plays which role.
-        spans = image_spans(input_ids, cfg.image_token_id)
-        counts = [len(s) for s in spans]
-        if sum(counts) != len(image_embeds):
-            raise ValueError(f"The prompts hold {sum(counts)} images but {len(image_embeds)} were encoded.")
-        roles = default_image_roles(counts) if image_roles is None else [int(r) for r in image_roles]
-        if len(roles) != len(image_embeds):
-            raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
-
+        # 4. Which tokens the language model keeps (compression), where the query image sits (maps).
         keep = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
         query_mask = torch.zeros_like(keep)
         query_grid: list[tuple[int, int] | None] = []
@@ -359,12 +385,12 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 _, h, w = image_grid_thw[g].tolist()
                 query_grid.append((h // merge, w // merge))
 
-        # 4. Word rows for the pixel maps: prompt words after the query image (they can attend to it).
+        # 5. Word rows for the pixel maps: prompt words after the query image (they can attend to it).
         if want_maps:
             anomaly_rows, normal_rows = self._word_rows(input_ids, labels, query_end, anomaly_word_mask,
                                                         normal_word_mask, map_samples)
 
-        # 5. Run the language model on the kept tokens only.
+        # 6. Run the language model on the kept tokens only.
         left_padded = bool(attention_mask[:, -1].all())
         kept_tokens = None
         embeds, positions, attn, lab = inputs_embeds, position_ids, attention_mask * keep, labels
@@ -415,7 +441,26 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
         if want_maps:
             self._attach_maps(result, request, query_grid, pixel_masks)
-        return result
+        return self._with_unused_residual(result, residual_used)
+
+    def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
+                                  roles: list[int]) -> tuple[list[torch.Tensor], bool]:
+        """Each query image's tokens plus their residual embeddings against all exemplar tokens of
+        its sample (`iadgpt.model.residuals`); samples without exemplars are left as they are.
+        Also returns whether any sample had both."""
+        start, used = 0, False
+        for count in counts:
+            members = range(start, start + count)
+            start += count
+            exemplars = [image_embeds[g] for g in members if roles[g] == ROLE_EXEMPLAR]
+            if not exemplars:
+                continue
+            bank = torch.cat(exemplars)
+            for g in members:
+                if roles[g] == ROLE_QUERY:
+                    image_embeds[g] = self.in_context_residual(image_embeds[g], bank)
+                    used = True
+        return image_embeds, used
 
     def _word_rows(self, input_ids, labels, query_end, anomaly_word_mask, normal_word_mask, map_samples=None):
         if anomaly_word_mask is None or normal_word_mask is None:

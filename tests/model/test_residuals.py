@@ -1,0 +1,152 @@
+"""In-context residuals (`iadgpt.model.residuals`): the query tokens the language model sees."""
+
+from __future__ import annotations
+
+import torch
+
+from iadgpt.model import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY, detection_inputs, load_model, load_processor
+from iadgpt.model.modeling_iadgpt import image_spans
+from iadgpt.model.residuals import nearest_exemplar_tokens
+
+RESIDUALS = {"in_context_residuals": True, "compress_exemplars": False}
+
+
+def residual_model(checkpoint, seed: int = 0, **settings):
+    """A model with residuals whose residual weights are random (they start at zero)."""
+    model = load_model(checkpoint, iadgpt={**RESIDUALS, **settings}).eval()
+    generator = torch.Generator().manual_seed(seed)
+    module = model.in_context_residual
+    with torch.no_grad():
+        module.residual_weight.copy_(torch.randn(module.residual_weight.shape, generator=generator) * 0.3)
+        module.distance_embedding.copy_(torch.randn(module.distance_embedding.shape, generator=generator))
+    return model
+
+
+def language_model_inputs(model, inputs, **kwargs):
+    """The inputs_embeds the language model receives in one forward."""
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"].detach().clone())
+
+    handle = model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, **kwargs)
+    finally:
+        handle.remove()
+    return seen["embeds"]
+
+
+def test_nearest_exemplar_tokens_match_a_brute_force_search():
+    generator = torch.Generator().manual_seed(0)
+    query, bank = torch.randn(7, 5, generator=generator), torch.randn(11, 5, generator=generator)
+    nearest, distance = nearest_exemplar_tokens(query, bank)
+    for i in range(7):
+        cosines = [float(torch.dot(query[i], b) / (query[i].norm() * b.norm())) for b in bank]
+        best = max(range(11), key=lambda j: cosines[j])
+        assert torch.equal(nearest[i], bank[best])
+        assert abs(float(distance[i]) - (1 - cosines[best])) < 1e-6
+
+
+def test_a_plain_checkpoint_starts_with_zero_residuals_and_unchanged_outputs(tiny_checkpoint, tiny_processor,
+                                                                             random_image):
+    inputs = detection_inputs(tiny_processor, [[random_image(), random_image()]], [random_image()])
+    plain = load_model(tiny_checkpoint, iadgpt={"compress_exemplars": False}).eval()
+    with_residuals = load_model(tiny_checkpoint, iadgpt=RESIDUALS).eval()
+    module = with_residuals.in_context_residual
+    assert not module.residual_weight.any() and not module.distance_embedding.any()
+    assert not hasattr(plain, "in_context_residual")
+    with torch.no_grad():
+        torch.testing.assert_close(with_residuals(**inputs).logits, plain(**inputs).logits, atol=1e-6, rtol=0)
+
+
+def test_query_tokens_get_the_residual_to_the_nearest_token_of_any_exemplar(tiny_checkpoint, tiny_processor,
+                                                                            random_image):
+    """Hand-computed reference: per query token, the nearest token over both exemplars of its own
+    sample (not the other sample's), W_r (q - e) + (1 - cos) e_d added; all other tokens untouched."""
+    exemplars = [[random_image(), random_image(84)], [random_image(140), random_image()]]
+    inputs = detection_inputs(tiny_processor, exemplars, [random_image(), random_image(112, 168)])
+    model = residual_model(tiny_checkpoint)
+    plain = load_model(tiny_checkpoint, iadgpt={"compress_exemplars": False}).eval()
+    seen, reference = language_model_inputs(model, inputs), language_model_inputs(plain, inputs)
+    with torch.no_grad():
+        images = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                return_dict=True).pooler_output
+    module = model.in_context_residual
+    expected = reference.clone()
+    spans = image_spans(inputs["input_ids"], model.config.image_token_id)
+    for b in range(2):
+        bank = torch.cat([images[3 * b], images[3 * b + 1]])
+        start, end = spans[b][2]
+        for t, q in enumerate(images[3 * b + 2]):
+            cos = torch.nn.functional.cosine_similarity(q[None], bank, dim=-1)
+            e = bank[int(cos.argmax())]
+            expected[b, start + t] = q + module.residual_weight @ (q - e) + (1 - cos.max()) * module.distance_embedding
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=1e-5)
+    assert (seen - reference).abs().amax(-1).gt(1e-4).sum() == sum(
+        spans[b][2][1] - spans[b][2][0] for b in range(2))  # exactly the query tokens changed
+
+
+def test_samples_without_exemplars_and_other_images_are_left_alone(tiny_checkpoint, tiny_processor, random_image):
+    model = residual_model(tiny_checkpoint)
+    plain = load_model(tiny_checkpoint, iadgpt={"compress_exemplars": False}).eval()
+    zero_shot = detection_inputs(tiny_processor, [[]], [random_image()])
+    torch.testing.assert_close(language_model_inputs(model, zero_shot), language_model_inputs(plain, zero_shot))
+    # Roles say which images are exemplars: an abnormal reference (OTHER) is not in the bank.
+    inputs = detection_inputs(tiny_processor, [[random_image(), random_image()]], [random_image()])
+    other = language_model_inputs(model, inputs, image_roles=[ROLE_OTHER, ROLE_EXEMPLAR, ROLE_QUERY])
+    none = language_model_inputs(model, inputs, image_roles=[ROLE_OTHER, ROLE_OTHER, ROLE_QUERY])
+    both = language_model_inputs(model, inputs)
+    plain_embeds = language_model_inputs(plain, inputs)
+    torch.testing.assert_close(none, plain_embeds)
+    assert not torch.allclose(other, both) and not torch.allclose(other, plain_embeds)
+
+
+def test_generation_and_batching_with_residuals_and_compression(tiny_checkpoint, tiny_processor, random_image):
+    model = residual_model(tiny_checkpoint, compress_exemplars=True)
+    exemplars = [[random_image(), random_image(), random_image()], [random_image(84), random_image(), random_image()]]
+    queries = [random_image(), random_image(168)]
+    batch = detection_inputs(tiny_processor, exemplars, queries)
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for _ in range(3):
+            pad = ids.shape[1] - batch["input_ids"].shape[1]
+            step = {**batch, "input_ids": ids, "attention_mask": mask,
+                    "mm_token_type_ids": torch.nn.functional.pad(batch["mm_token_type_ids"], (0, pad))}
+            next_id = model(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, next_id], 1), torch.cat([mask, torch.ones_like(next_id)], 1)
+        assert torch.equal(generated, ids)
+        batched = model.image_anomaly_score(model(**batch, logits_to_keep=1).logits[:, -1])
+        single = torch.cat([model.image_anomaly_score(model(**detection_inputs(tiny_processor, [e], [q]),
+                                                            logits_to_keep=1).logits[:, -1])
+                            for e, q in zip(exemplars, queries)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+
+
+def test_residual_weights_learn_survive_save_load_and_run_on_batches_without_exemplars(
+        tiny_checkpoint, tiny_processor, random_image, tmp_path):
+    model = load_model(tiny_checkpoint, iadgpt=RESIDUALS).train()
+    inputs = detection_inputs(tiny_processor, [[random_image()]], [random_image()])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    model(**inputs, labels=labels).loss.backward()
+    module = model.in_context_residual
+    assert module.residual_weight.grad.abs().sum() > 0 and module.distance_embedding.grad.abs().sum() > 0
+    # A caption batch (no exemplars) runs the module times zero: same loss, zero but present gradients.
+    model.zero_grad()
+    caption = detection_inputs(tiny_processor, [[]], [random_image()])
+    labels = caption["input_ids"].masked_fill(caption["attention_mask"] == 0, -100)
+    out = model(**caption, labels=labels)
+    torch.testing.assert_close(out.loss, out.lm_loss)
+    out.loss.backward()
+    assert module.distance_embedding.grad is not None and not module.distance_embedding.grad.any()
+
+    trained = residual_model(tiny_checkpoint, seed=3)
+    trained.save_pretrained(tmp_path / "saved")
+    load_processor(tiny_checkpoint).save_pretrained(tmp_path / "saved")
+    reloaded = load_model(tmp_path / "saved").eval()
+    assert reloaded.iadgpt.in_context_residuals
+    assert torch.equal(reloaded.in_context_residual.distance_embedding, trained.in_context_residual.distance_embedding)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, trained(**inputs).logits)
