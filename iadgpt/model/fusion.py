@@ -30,6 +30,7 @@ class VisualLayerFusion(nn.Module):
         self.logits = nn.Parameter(self.initial_logits())
         self._captured: dict[int, torch.Tensor] = {}
         self._capturing = False
+        self._fused: torch.Tensor | None = None
 
     def initial_logits(self) -> torch.Tensor:
         n = len(self.layers)
@@ -50,15 +51,21 @@ class VisualLayerFusion(nn.Module):
 
     # -- hooks that feed it ---------------------------------------------------------------------
     def attach(self, visual: nn.Module) -> None:
-        """Capture the chosen blocks' outputs during the tower's forward and fuse them at the merger."""
+        """Capture the chosen blocks' outputs during the tower's forward and fuse them at the merger.
+
+        The tower's output `last_hidden_state` then holds the fused patches (what the merger saw,
+        as it does without fusion), which the in-context residuals compare patch by patch.
+        """
         visual.register_forward_pre_hook(self._start_capture)
         for layer in self.layers:
             visual.blocks[layer - 1].register_forward_hook(self._capture_hook(layer))
         visual.merger.register_forward_pre_hook(self._fuse_before_merger)
+        visual.register_forward_hook(self._report_fused)
 
     def _start_capture(self, module, args):
         self._captured = {}
         self._capturing = True
+        self._fused = None
 
     def _capture_hook(self, layer: int):
         def hook(module, args, output):
@@ -75,4 +82,11 @@ class VisualLayerFusion(nn.Module):
         self._capturing = False
         outputs = [self._captured.pop(layer) for layer in self.layers]
         self._captured = {}
-        return (self(outputs),) + tuple(args[1:])
+        self._fused = self(outputs)
+        return (self._fused,) + tuple(args[1:])
+
+    def _report_fused(self, module, args, output):
+        fused, self._fused = self._fused, None
+        if fused is not None and hasattr(output, "last_hidden_state"):
+            output.last_hidden_state = fused
+        return output

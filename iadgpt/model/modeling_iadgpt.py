@@ -23,7 +23,7 @@ from .attention_maps import AttentionMapRecorder, AttentionMapRequest, padded_po
 from .compression import compress_exemplar_tokens
 from .fusion import VisualLayerFusion
 from .losses import dice_loss, focal_loss
-from .residuals import InContextResidual
+from .residuals import InContextResidual, patches_per_token
 from .settings import IADGPTSettings
 
 # Roles of the images of one sample (argument `image_roles`, one entry per image in the batch).
@@ -155,12 +155,21 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             fusion.attach(self.model.visual)
         if settings.in_context_residuals:
             self.in_context_residual = InContextResidual(config.text_config.hidden_size)
+            # generate() encodes the images and drops image_grid_thw before the prefill, so the
+            # encoder output itself carries each visual token's patches to the residuals.
+            self.model.visual.register_forward_hook(self._attach_patches_per_token, with_kwargs=True)
         self.attention_map_recorder = AttentionMapRecorder(
             self.model.language_model.layers, settings.attention_map_layers
         )
         self.word_token_ids: dict[str, list[tuple[int, ...]]] | None = None
         self.yes_no_token_ids: tuple[int, int] | None = None
         self._compacted_prefix: _CompactedPrefix | None = None
+
+    def _attach_patches_per_token(self, visual, args, kwargs, output):
+        grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid_thw is not None and getattr(output, "last_hidden_state", None) is not None:
+            output.patches_per_token = patches_per_token(output.last_hidden_state, grid_thw, self.config.vision_config)
+        return output
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -294,7 +303,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             encoded_images = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         return self._inspect_forward(
             input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, encoded_images.pooler_output,
-            image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress, compress_exemplars is True,
+            getattr(encoded_images, "patches_per_token", None), image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress, compress_exemplars is True,
             map_samples if want_maps else None, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs)
 
     def _with_unused_residual(self, output: IADGPTOutput, used: bool) -> IADGPTOutput:
@@ -303,8 +312,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         residual = getattr(self, "in_context_residual", None)
         if residual is None or used or not self.training or output.loss is None:
             return output
-        probe = residual.distance_embedding.new_zeros(1, residual.distance_embedding.shape[0])
-        output.loss = output.loss + 0.0 * residual(probe, probe).sum()
+        probe = residual.distance_embedding.new_zeros(1, residual.distance_embedding.shape[1])
+        output.loss = output.loss + 0.0 * residual(probe, probe, probe[:, None], probe[:, None]).sum()
         return output
 
     def _with_dummy_image(self, output: IADGPTOutput, pixel_values, grid_thw) -> IADGPTOutput:
@@ -314,7 +323,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return output
 
     def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
-                         image_embeds, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress,
+                         image_embeds, image_patches, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress,
                          strict_compression, map_samples, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs):
         cfg = self.config
         want_maps = map_samples is not None
@@ -332,7 +341,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
         residual_used = False
         if self.iadgpt.in_context_residuals:
-            image_embeds, residual_used = self._add_in_context_residuals(list(image_embeds), counts, roles)
+            image_embeds, residual_used = self._add_in_context_residuals(list(image_embeds), counts, roles,
+                                                                         image_patches)
 
         # 2. Embed the text and scatter the images into it, exactly as Qwen2.5-VL does.
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
@@ -444,21 +454,31 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return self._with_unused_residual(result, residual_used)
 
     def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
-                                  roles: list[int]) -> tuple[list[torch.Tensor], bool]:
-        """Each query image's tokens plus their residual embeddings against all exemplar tokens of
-        its sample (`iadgpt.model.residuals`); samples without exemplars are left as they are.
-        Also returns whether any sample had both."""
-        start, used = 0, False
-        for count in counts:
-            members = range(start, start + count)
-            start += count
-            exemplars = [image_embeds[g] for g in members if roles[g] == ROLE_EXEMPLAR]
+                                  roles: list[int], image_patches: list[torch.Tensor] | None
+                                  ) -> tuple[list[torch.Tensor], bool]:
+        """Each query image's tokens plus their residual embeddings against all exemplar tokens and
+        patches of its sample (`iadgpt.model.residuals`); samples without exemplars are left as they
+        are. Also returns whether any sample had both."""
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        samples = [range(start, start + count) for start, count in zip(starts, counts)]
+        if not any(any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m) for m in samples):
+            return image_embeds, False
+        patches = image_patches
+        if patches is None or len(patches) != len(image_embeds):
+            raise ValueError("In-context residuals need each image's vision patches, which this model's image encoder "
+                             "adds to its output (`patches_per_token`): pass pixel_values, or mm_encoder_outputs "
+                             "straight from model.get_image_features(..., return_dict=True) of these images "
+                             "(generate() with num_beams > 1 or num_return_sequences > 1 is not supported).")
+        used = False
+        for members in samples:
+            exemplars = [g for g in members if roles[g] == ROLE_EXEMPLAR]
             if not exemplars:
                 continue
-            bank = torch.cat(exemplars)
+            bank = torch.cat([image_embeds[g] for g in exemplars])
+            patch_bank = torch.cat([patches[g] for g in exemplars])
             for g in members:
                 if roles[g] == ROLE_QUERY:
-                    image_embeds[g] = self.in_context_residual(image_embeds[g], bank)
+                    image_embeds[g] = self.in_context_residual(image_embeds[g], bank, patches[g], patch_bank)
                     used = True
         return image_embeds, used
 

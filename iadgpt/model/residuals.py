@@ -1,18 +1,21 @@
 """In-context residuals: what each query token has that no normal exemplar token has.
 
 IADGPT leaves the comparison of the query image with its normal exemplars entirely to the language
-model's attention. InCTRL / InCTRLv2 (patch-level in-context residuals, Eq. 3 of InCTRLv2) show that
-the distance of a query patch to its nearest exemplar patch is itself a strong, class-agnostic
-anomaly cue. This module hands that cue to the language model: before the visual tokens are
-scattered into the prompt, every query token gets
+model's attention. InCTRL / InCTRLv2 (patch-level in-context residuals, InCTRLv2 Eq. 3) show that
+the cosine distance of a query patch to its nearest exemplar patch is itself a strong,
+class-agnostic anomaly cue. This module hands that cue to the language model: before the visual
+tokens are scattered into the prompt, every query token gets
 
-    token + W_r (token - nearest exemplar token) + d * e_d,     d = 1 - max cos(token, exemplar tokens)
+    token + W_r (token - nearest exemplar token) + sum_f d_f * e_f
 
-where the nearest token is searched over *all* visual tokens of the sample's normal exemplars
-(before exemplar compression, so what compression drops still informs the query). `W_r` and `e_d`
-start at zero, so a model starts out exactly as without the module; a defect then shows up as a
-token with a large `d`, which attention (exponential in a key that is linear in `d`) can single out
-for both the Yes/No answer and the anomaly words' pixel map.
+with three distances d_f: of the token to its nearest exemplar token, and the largest and the mean
+distance of its vision patches (the 2 x 2 patches the merger folds into it, as the merger sees them:
+fused over the fusion layers) to their nearest exemplar patches. The patch distances see defects
+smaller than a token. Nearest neighbours are searched over *all* tokens / patches of the sample's
+normal exemplars, before exemplar compression, so what compression drops still informs the query.
+`W_r` and `e_f` start at zero, so a model starts out exactly as without the module; a defect then
+reaches the language model as tokens with large distances, which attention (exponential in a key
+linear in the distances) can single out for the Yes/No answer and for the anomaly words' pixel map.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.vision_utils import get_vision_window_index
+
+DISTANCE_FEATURES = ("token", "patch_max", "patch_mean")
+"""The distances embedded per query token, in the order of `InContextResidual.distance_embedding`."""
 
 
 def nearest_exemplar_tokens(query_tokens: torch.Tensor, exemplar_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +51,36 @@ def nearest_exemplar_tokens(query_tokens: torch.Tensor, exemplar_tokens: torch.T
     return nearest, 1.0 - F.cosine_similarity(query_tokens.float(), nearest.float(), dim=-1)
 
 
+def patches_per_token(patch_states: torch.Tensor, grid_thw: torch.Tensor, vision_config) -> list[torch.Tensor]:
+    """Per image, `[tokens, merge_unit, C]`: the vision patches each merged visual token is made of,
+    in the tokens' order.
+
+    `patch_states` is the vision tower's `last_hidden_state`: every image's patches, in the
+    window-attention order the blocks work in (groups of `merge_unit` patches per token).
+    """
+    merge = vision_config.spatial_merge_size
+    unit = merge * merge
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=merge, window_size=vision_config.window_size,
+                                              patch_size=vision_config.patch_size)
+    if patch_states.shape[0] != window_index.numel() * unit:
+        raise ValueError(f"The vision tower's patch states hold {patch_states.shape[0]} patches, but the images' grids "
+                         f"(image_grid_thw) have {window_index.numel() * unit}: pass the encoder output of these images.")
+    grouped = patch_states.reshape(-1, unit, patch_states.shape[-1])[torch.argsort(window_index.to(patch_states.device))]
+    return list(torch.split(grouped, (grid_thw.prod(-1) // unit).tolist()))
+
+
+def nearest_patch_distances(query_patches: torch.Tensor, exemplar_patches: torch.Tensor) -> torch.Tensor:
+    """`[n, unit]` cosine distance of each patch of each query token to its nearest exemplar patch.
+
+    `query_patches`: `[n, unit, C]`; `exemplar_patches`: `[m, unit, C]` (all exemplars' patches).
+    """
+    flat_query = query_patches.reshape(-1, query_patches.shape[-1])
+    _, distance = nearest_exemplar_tokens(flat_query, exemplar_patches.reshape(-1, exemplar_patches.shape[-1]))
+    return distance.view(query_patches.shape[0], query_patches.shape[1])
+
+
 class InContextResidual(nn.Module):
-    """Adds a learned embedding of each query token's residual to its nearest exemplar token.
+    """Adds a learned embedding of each query token's residual and distances to the exemplars.
 
     Plain parameters (no nn.Linear) so that transformers' weight initialisation leaves them to
     `IADGPTForConditionalGeneration.initialize_weights`, which sets them to zero.
@@ -54,11 +89,23 @@ class InContextResidual(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.residual_weight = nn.Parameter(torch.zeros(hidden_size, hidden_size))
-        self.distance_embedding = nn.Parameter(torch.zeros(hidden_size))
+        self.distance_embedding = nn.Parameter(torch.zeros(len(DISTANCE_FEATURES), hidden_size))
 
-    def forward(self, query_tokens: torch.Tensor, exemplar_tokens: torch.Tensor) -> torch.Tensor:
-        """`query_tokens` `[n, d]` with their residual embeddings added; `exemplar_tokens` `[m, d]`."""
-        nearest, distance = nearest_exemplar_tokens(query_tokens, exemplar_tokens)
-        residual = (query_tokens - nearest).to(self.residual_weight.dtype)
-        added = residual @ self.residual_weight.T + distance[:, None].to(self.distance_embedding.dtype) * self.distance_embedding
+    def distances(self, query_tokens, exemplar_tokens, query_patches, exemplar_patches) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`[n, d]` residuals to the nearest exemplar tokens, `[n, 3]` distances (DISTANCE_FEATURES))."""
+        nearest, token_distance = nearest_exemplar_tokens(query_tokens, exemplar_tokens)
+        patch_distance = nearest_patch_distances(query_patches, exemplar_patches)
+        features = torch.stack([token_distance, patch_distance.amax(-1), patch_distance.mean(-1)], dim=-1)
+        return query_tokens - nearest, features
+
+    def forward(self, query_tokens: torch.Tensor, exemplar_tokens: torch.Tensor, query_patches: torch.Tensor,
+                exemplar_patches: torch.Tensor) -> torch.Tensor:
+        """`query_tokens` `[n, d]` plus their residual embeddings.
+
+        `exemplar_tokens` `[m, d]`: every token of the sample's normal exemplars; `query_patches`
+        `[n, unit, C]` / `exemplar_patches` `[m, unit, C]`: their vision patches (`patches_per_token`).
+        """
+        residual, features = self.distances(query_tokens, exemplar_tokens, query_patches, exemplar_patches)
+        added = residual.to(self.residual_weight.dtype) @ self.residual_weight.T
+        added = added + features.to(self.distance_embedding.dtype) @ self.distance_embedding
         return query_tokens + added.to(query_tokens.dtype)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from iadgpt.model import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY, detection_inputs, load_model, load_processor
 from iadgpt.model.modeling_iadgpt import image_spans
-from iadgpt.model.residuals import nearest_exemplar_tokens
+from iadgpt.model.residuals import nearest_exemplar_tokens, patches_per_token
 
 RESIDUALS = {"in_context_residuals": True, "compress_exemplars": False}
 
@@ -49,6 +50,22 @@ def test_nearest_exemplar_tokens_match_a_brute_force_search():
         assert abs(float(distance[i]) - (1 - cosines[best])) < 1e-6
 
 
+def test_patches_per_token_are_the_patches_the_merger_folds_into_each_token(tiny_checkpoint, tiny_processor,
+                                                                            random_image):
+    """The merger applied to the regrouped patches gives the visual tokens, in order, for images of
+    several sizes (so the window order differs from the token order)."""
+    model = load_model(tiny_checkpoint).eval()
+    images = tiny_processor.image_processor(images=[random_image(), random_image(84, 196), random_image(168)],
+                                            return_tensors="pt")
+    with torch.no_grad():
+        encoded = model.model.get_image_features(images["pixel_values"], images["image_grid_thw"], return_dict=True)
+        patches = patches_per_token(encoded.last_hidden_state, images["image_grid_thw"], model.config.vision_config)
+        for grouped, tokens in zip(patches, encoded.pooler_output):
+            torch.testing.assert_close(model.model.visual.merger(grouped.flatten(0, 1)), tokens)
+    with pytest.raises(ValueError, match="patch states hold 4 patches"):
+        patches_per_token(encoded.last_hidden_state[:4], images["image_grid_thw"], model.config.vision_config)
+
+
 def test_a_plain_checkpoint_starts_with_zero_residuals_and_unchanged_outputs(tiny_checkpoint, tiny_processor,
                                                                              random_image):
     inputs = detection_inputs(tiny_processor, [[random_image(), random_image()]], [random_image()])
@@ -73,16 +90,26 @@ def test_query_tokens_get_the_residual_to_the_nearest_token_of_any_exemplar(tiny
     with torch.no_grad():
         images = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                                 return_dict=True).pooler_output
+        patches = patches_per_token(model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True).last_hidden_state,
+            inputs["image_grid_thw"], model.config.vision_config)
     module = model.in_context_residual
     expected = reference.clone()
     spans = image_spans(inputs["input_ids"], model.config.image_token_id)
+
+    def nearest(x, bank):
+        cos = torch.nn.functional.cosine_similarity(x[None], bank, dim=-1)
+        return bank[int(cos.argmax())], 1 - cos.max()
+
     for b in range(2):
         bank = torch.cat([images[3 * b], images[3 * b + 1]])
+        patch_bank = torch.cat([patches[3 * b], patches[3 * b + 1]]).flatten(0, 1)
         start, end = spans[b][2]
         for t, q in enumerate(images[3 * b + 2]):
-            cos = torch.nn.functional.cosine_similarity(q[None], bank, dim=-1)
-            e = bank[int(cos.argmax())]
-            expected[b, start + t] = q + module.residual_weight @ (q - e) + (1 - cos.max()) * module.distance_embedding
+            e, d = nearest(q, bank)
+            patch_d = torch.stack([nearest(p, patch_bank)[1] for p in patches[3 * b + 2][t]])
+            features = torch.stack([d, patch_d.max(), patch_d.mean()])
+            expected[b, start + t] = q + module.residual_weight @ (q - e) + features @ module.distance_embedding
     torch.testing.assert_close(seen, expected, atol=1e-5, rtol=1e-5)
     assert (seen - reference).abs().amax(-1).gt(1e-4).sum() == sum(
         spans[b][2][1] - spans[b][2][0] for b in range(2))  # exactly the query tokens changed
