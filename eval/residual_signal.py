@@ -85,8 +85,8 @@ def main() -> None:
     categories = np.array([r[0] for r in rows])
     kinds = np.array([r[1] for r in rows])
     result = {"k": args.k, "categories": args.categories, "model": args.model or "random small"}
-    for name in scores:
-        s = np.array(scores[name])
+    for name, values in scores.items():
+        s = np.array(values)
         for kind in ("local", "in_context"):
             per_category = []
             for c in np.unique(categories):
