@@ -737,12 +737,13 @@ class Quickstart:
             bar.close()
 
     def evaluate(self, out: Path, manifest: Path | None = None, eval_iadgpt: dict | None = None,
-                 desc: str = "detection (model)") -> None:
-        """The benchmark of the final model (drawn references, or those of `manifest`) into `out`."""
+                 desc: str = "detection (model)", model: Path | None = None) -> None:
+        """The benchmark of the final model (or `model`) on drawn references, or those of `manifest`,
+        into `out`."""
         from .inspection import Inspector
 
         overrides = {**self.settings.eval_iadgpt, **(eval_iadgpt or {})}
-        inspector = Inspector.from_pretrained(self.final_model, batch_size=8, iadgpt=overrides or None)
+        inspector = Inspector.from_pretrained(model or self.final_model, batch_size=8, iadgpt=overrides or None)
         self.run_benchmark(self.detection_settings(out, manifest), inspector, desc)
 
     def evaluate_model(self) -> dict:
