@@ -12,8 +12,10 @@ Which parts of IADGPT matter, measured on the quickstart's own held-out categori
 
 Every row scores exactly the quickstart's k = 2 references and queries (its manifest, cut to k = 2).
 Variants live in OUT/ablations/<name>/ (each a resumable quickstart run sharing OUT's data), the
-table in OUT/ablations/ablations.md and .json. It takes about 12 minutes per trained variant and
-one per retention row on 2 CPU cores: a bit over an hour after the quickstart.
+table in OUT/ablations/ablations.md and .json. Each trained variant takes about the quickstart's own
+wall time, each retention row a minute or two: after a 15-minute quickstart, about 1.7 hours on 2
+CPU cores, or half that with the variants split over two processes (`--variants`, then one final
+`--ablations` that reuses them and writes the table).
 """
 
 from __future__ import annotations
@@ -54,8 +56,16 @@ def variant_settings(base, changes: dict, text_layers: int):
     return dataclasses.replace(base, iadgpt=iadgpt, shots=ABLATION_SHOTS, **changes)
 
 
-def run_ablations(out: Path, settings, say=print) -> dict:
-    """Train and evaluate every variant after the quickstart in `out`; write the table."""
+def run_ablations(out: Path, settings, say=print, variants: list[str] | None = None) -> dict:
+    """Train and evaluate every variant after the quickstart in `out`; write the table.
+
+    `variants`: train only these (names of TRAINED_VARIANTS) and skip the retention rows, so several
+    processes or machines can share the work; a final call without it reuses their finished runs
+    (each variant resumes) and writes the whole table.
+    """
+    unknown = sorted(set(variants or []) - set(TRAINED_VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown ablation variants {unknown}; allowed: {sorted(TRAINED_VARIANTS)}")
     from .evaluation.by_kind import metrics_by_kind
     from .quickstart import Quickstart, QuickstartPaths, RunState, prepare_output
 
@@ -80,6 +90,8 @@ def run_ablations(out: Path, settings, say=print) -> dict:
                             "retention 20%)",
                  "name": "full", "training_minutes": round(main_minutes, 2), **metrics_of(main.paths.model_eval)})
     for name, (title, changes) in TRAINED_VARIANTS.items():
+        if variants is not None and name not in variants:
+            continue
         started = time.monotonic()
         variant = variant_settings(settings, changes, text_layers)
         paths = QuickstartPaths(folder / name, data=out / "data", model=out / "model")
@@ -91,7 +103,7 @@ def run_ablations(out: Path, settings, say=print) -> dict:
                    manifest=manifest).run()
         rows.append({"variant": title, "name": name, "training_minutes": round(main_minutes, 2),
                      **metrics_of(paths.model_eval), "wall_minutes": round((time.monotonic() - started) / 60, 1)})
-    for retention in RETENTIONS:
+    for retention in RETENTIONS if variants is None else ():
         name = f"retention_{round(retention * 100)}"
         if retention == main.model_settings().get("exemplar_retention"):
             rows.append({"variant": f"exemplar retention {retention:.0%} (the quickstart model)", "name": name,
@@ -103,6 +115,9 @@ def run_ablations(out: Path, settings, say=print) -> dict:
         rows.append({"variant": f"exemplar retention {retention:.0%} (inference only)", "name": name,
                      "training_minutes": round(main_minutes, 2), **metrics_of(benchmark)})
     document = {"k": 2, "rows": rows}
+    if variants is not None:  # a share of the work: the whole table is written by the final call
+        say(f"[ablations] done: {', '.join(variants)}; run --ablations without --variants for the table")
+        return document
     (folder / "ablations.json").write_text(json.dumps(document, indent=2) + "\n")
     (folder / "ablations.md").write_text(ablation_table(rows))
     say(f"[ablations] wrote {folder / 'ablations.md'}")

@@ -168,3 +168,10 @@ def test_ablations_write_one_row_per_variant_and_retention(finished_run):
     full = document["rows"][0]
     for row in document["rows"]:
         assert row["training_minutes"] == full["training_minutes"]
+    # Split work: a subset reuses the finished variant runs; an unknown name is refused by name.
+    subset = run_ablations(out, test_size_settings(), say=messages.append, variants=["no_fusion"])
+    assert [row["name"] for row in subset["rows"]] == ["full", "no_fusion"]
+    assert subset["rows"][1] | {"wall_minutes": 0} == document["rows"][3] | {"wall_minutes": 0}
+    assert document == json.loads((out / "ablations" / "ablations.json").read_text())  # the whole table stays
+    with pytest.raises(ValueError, match=r"unknown ablation variants \['no_stage4'\]"):
+        run_ablations(out, test_size_settings(), variants=["no_stage4"])
