@@ -23,7 +23,7 @@ from .attention_maps import AttentionMapRecorder, AttentionMapRequest, padded_po
 from .compression import compress_exemplar_tokens
 from .fusion import VisualLayerFusion
 from .losses import dice_loss, focal_loss
-from .residuals import InContextResidual, patches_per_token
+from .residuals import InContextResidual, patches_per_token, residual_features
 from .settings import IADGPTSettings
 
 # Roles of the images of one sample (argument `image_roles`, one entry per image in the batch).
@@ -303,8 +303,9 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             encoded_images = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         return self._inspect_forward(
             input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, encoded_images.pooler_output,
-            getattr(encoded_images, "patches_per_token", None), image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress, compress_exemplars is True,
-            map_samples if want_maps else None, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs)
+            getattr(encoded_images, "patches_per_token", None), image_grid_thw, mm_token_type_ids, logits_to_keep,
+            image_roles, compress, compress_exemplars is True, map_samples if want_maps else None, pixel_masks,
+            anomaly_word_mask, normal_word_mask, **kwargs)
 
     def _with_unused_residual(self, output: IADGPTOutput, used: bool) -> IADGPTOutput:
         """In training, a forward whose batch has no exemplars still runs the residual module (times
@@ -312,8 +313,9 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         residual = getattr(self, "in_context_residual", None)
         if residual is None or used or not self.training or output.loss is None:
             return output
-        probe = residual.distance_embedding.new_zeros(1, residual.distance_embedding.shape[1])
-        output.loss = output.loss + 0.0 * residual(probe, probe, probe[:, None], probe[:, None]).sum()
+        residuals = residual.residual_weight.new_zeros(1, residual.residual_weight.shape[1])
+        distances = residual.distance_embedding.new_zeros(1, residual.distance_embedding.shape[0])
+        output.loss = output.loss + 0.0 * residual(residuals, distances).sum()
         return output
 
     def _with_dummy_image(self, output: IADGPTOutput, pixel_values, grid_thw) -> IADGPTOutput:
@@ -323,8 +325,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return output
 
     def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
-                         image_embeds, image_patches, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles, compress,
-                         strict_compression, map_samples, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs):
+                         image_embeds, image_patches, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles,
+                         compress, strict_compression, map_samples, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs):
         cfg = self.config
         want_maps = map_samples is not None
         batch, length = input_ids.shape
@@ -461,7 +463,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         are. Also returns whether any sample had both."""
         starts = [sum(counts[:i]) for i in range(len(counts))]
         samples = [range(start, start + count) for start, count in zip(starts, counts)]
-        if not any(any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m) for m in samples):
+        if not any(any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m)
+                   for m in samples):
             return image_embeds, False
         patches = image_patches
         if patches is None or len(patches) != len(image_embeds):
@@ -469,7 +472,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                              "adds to its output (`patches_per_token`): pass pixel_values, or mm_encoder_outputs "
                              "straight from model.get_image_features(..., return_dict=True) of these images "
                              "(generate() with num_beams > 1 or num_return_sequences > 1 is not supported).")
-        used = False
+        queries, residuals, distances = [], [], []
         for members in samples:
             exemplars = [g for g in members if roles[g] == ROLE_EXEMPLAR]
             if not exemplars:
@@ -478,9 +481,15 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             patch_bank = torch.cat([patches[g] for g in exemplars])
             for g in members:
                 if roles[g] == ROLE_QUERY:
-                    image_embeds[g] = self.in_context_residual(image_embeds[g], bank, patches[g], patch_bank)
-                    used = True
-        return image_embeds, used
+                    residual, distance = residual_features(image_embeds[g], bank, patches[g], patch_bank)
+                    queries.append(g)
+                    residuals.append(residual)
+                    distances.append(distance)
+        # One call for the whole batch (see InContextResidual).
+        added = self.in_context_residual(torch.cat(residuals), torch.cat(distances))
+        for g, piece in zip(queries, added.split([r.shape[0] for r in residuals])):
+            image_embeds[g] = image_embeds[g] + piece.to(image_embeds[g].dtype)
+        return image_embeds, True
 
     def _word_rows(self, input_ids, labels, query_end, anomaly_word_mask, normal_word_mask, map_samples=None):
         if anomaly_word_mask is None or normal_word_mask is None:

@@ -79,10 +79,31 @@ def nearest_patch_distances(query_patches: torch.Tensor, exemplar_patches: torch
     return distance.view(query_patches.shape[0], query_patches.shape[1])
 
 
-class InContextResidual(nn.Module):
-    """Adds a learned embedding of each query token's residual and distances to the exemplars.
+def residual_features(query_tokens: torch.Tensor, exemplar_tokens: torch.Tensor, query_patches: torch.Tensor,
+                      exemplar_patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `InContextResidual` embeds for one query image.
 
-    Plain parameters (no nn.Linear) so that transformers' weight initialisation leaves them to
+    Args:
+        query_tokens: `[n, d]` the query's visual tokens; exemplar_tokens: `[m, d]` every token of the
+            sample's normal exemplars.
+        query_patches / exemplar_patches: `[n, unit, C]` / `[m, unit, C]` their vision patches
+            (`patches_per_token`).
+
+    Returns:
+        (`[n, d]` residuals to the nearest exemplar tokens, `[n, 3]` distances, DISTANCE_FEATURES).
+    """
+    nearest, token_distance = nearest_exemplar_tokens(query_tokens, exemplar_tokens)
+    patch_distance = nearest_patch_distances(query_patches, exemplar_patches)
+    distances = torch.stack([token_distance, patch_distance.amax(-1), patch_distance.mean(-1)], dim=-1)
+    return query_tokens - nearest, distances
+
+
+class InContextResidual(nn.Module):
+    """The learned embedding `W_r residual + distances @ E` added to query tokens.
+
+    Called once per forward on all query tokens of the batch, so that every rank runs it the same
+    number of times (ZeRO-3 gathers a module's weights collectively at each call). Plain parameters
+    (no nn.Linear) so that transformers' weight initialisation leaves them to
     `IADGPTForConditionalGeneration.initialize_weights`, which sets them to zero.
     """
 
@@ -91,21 +112,7 @@ class InContextResidual(nn.Module):
         self.residual_weight = nn.Parameter(torch.zeros(hidden_size, hidden_size))
         self.distance_embedding = nn.Parameter(torch.zeros(len(DISTANCE_FEATURES), hidden_size))
 
-    def distances(self, query_tokens, exemplar_tokens, query_patches, exemplar_patches) -> tuple[torch.Tensor, torch.Tensor]:
-        """(`[n, d]` residuals to the nearest exemplar tokens, `[n, 3]` distances (DISTANCE_FEATURES))."""
-        nearest, token_distance = nearest_exemplar_tokens(query_tokens, exemplar_tokens)
-        patch_distance = nearest_patch_distances(query_patches, exemplar_patches)
-        features = torch.stack([token_distance, patch_distance.amax(-1), patch_distance.mean(-1)], dim=-1)
-        return query_tokens - nearest, features
-
-    def forward(self, query_tokens: torch.Tensor, exemplar_tokens: torch.Tensor, query_patches: torch.Tensor,
-                exemplar_patches: torch.Tensor) -> torch.Tensor:
-        """`query_tokens` `[n, d]` plus their residual embeddings.
-
-        `exemplar_tokens` `[m, d]`: every token of the sample's normal exemplars; `query_patches`
-        `[n, unit, C]` / `exemplar_patches` `[m, unit, C]`: their vision patches (`patches_per_token`).
-        """
-        residual, features = self.distances(query_tokens, exemplar_tokens, query_patches, exemplar_patches)
-        added = residual.to(self.residual_weight.dtype) @ self.residual_weight.T
-        added = added + features.to(self.distance_embedding.dtype) @ self.distance_embedding
-        return query_tokens + added.to(query_tokens.dtype)
+    def forward(self, residuals: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+        """`[n, d]` embeddings to add, from `[n, d]` residuals and `[n, 3]` distances (`residual_features`)."""
+        added = residuals.to(self.residual_weight.dtype) @ self.residual_weight.T
+        return added + distances.to(self.distance_embedding.dtype) @ self.distance_embedding

@@ -177,3 +177,22 @@ def test_residual_weights_learn_survive_save_load_and_run_on_batches_without_exe
     assert torch.equal(reloaded.in_context_residual.distance_embedding, trained.in_context_residual.distance_embedding)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, trained(**inputs).logits)
+
+
+def test_the_residual_module_runs_once_per_training_forward_whatever_the_batch(tiny_checkpoint, tiny_processor,
+                                                                              random_image):
+    """ZeRO-3 gathers a module's weights collectively at every call: each rank must call it equally
+    often, whether its batch holds two few-shot samples, one, or none (captions)."""
+    model = load_model(tiny_checkpoint, iadgpt=RESIDUALS).train()
+    calls = []
+    model.in_context_residual.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    two = detection_inputs(tiny_processor, [[random_image()], [random_image(), random_image()]],
+                           [random_image(), random_image()])
+    none = detection_inputs(tiny_processor, [[]], [random_image()])
+    for inputs in (two, none):
+        calls.clear()
+        model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100))
+        assert len(calls) == 1
+    tokens_per_query = (two["image_grid_thw"][-1].prod() // 4).item()
+    model(**two, labels=two["input_ids"].masked_fill(two["attention_mask"] == 0, -100))
+    assert calls[-1] == 2 * tokens_per_query  # both samples' query tokens in the one call
