@@ -13,9 +13,9 @@ Which parts of IADGPT matter, measured on the quickstart's own held-out categori
 Every row scores exactly the quickstart's k = 2 references and queries (its manifest, cut to k = 2).
 Variants live in OUT/ablations/<name>/ (each a resumable quickstart run sharing OUT's data), the
 table in OUT/ablations/ablations.md and .json. Each trained variant takes about the quickstart's own
-wall time, each retention row a minute or two: after a 15-minute quickstart, about 1.7 hours on 2
-CPU cores, or half that with the variants split over two processes (`--variants`, then one final
-`--ablations` that reuses them and writes the table).
+wall time (12-14.5 minutes after a 15-minute one), each retention row well under a minute: about
+1.5 hours in one process, 45 minutes measured with the variants split over two processes on 2 CPU
+cores (`--variants`, then one final `--ablations` that reuses them and writes the table).
 """
 
 from __future__ import annotations
