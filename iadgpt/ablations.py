@@ -56,6 +56,15 @@ def variant_settings(base, changes: dict, text_layers: int):
     return dataclasses.replace(base, iadgpt=iadgpt, shots=ABLATION_SHOTS, **changes)
 
 
+def check_variants(variants: list[str] | None) -> None:
+    """Refuse names that are not trained variants (before any work is done)."""
+    from .quickstart import QuickstartError
+
+    unknown = sorted(set(variants or []) - set(TRAINED_VARIANTS))
+    if unknown:
+        raise QuickstartError(f"unknown ablation variants {unknown}; allowed: {sorted(TRAINED_VARIANTS)}")
+
+
 def run_ablations(out: Path, settings, say=print, variants: list[str] | None = None) -> dict:
     """Train and evaluate every variant after the quickstart in `out`; write the table.
 
@@ -63,9 +72,7 @@ def run_ablations(out: Path, settings, say=print, variants: list[str] | None = N
     processes or machines can share the work; a final call without it reuses their finished runs
     (each variant resumes) and writes the whole table.
     """
-    unknown = sorted(set(variants or []) - set(TRAINED_VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown ablation variants {unknown}; allowed: {sorted(TRAINED_VARIANTS)}")
+    check_variants(variants)
     from .evaluation.by_kind import metrics_by_kind
     from .quickstart import Quickstart, QuickstartPaths, RunState, prepare_output
 

@@ -991,13 +991,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .ablations import check_variants, run_ablations
+
     settings = QuickstartSettings(minutes=args.minutes, seed=args.seed, threads=args.threads)
+    variants = args.variants.split(",") if args.variants else None
     try:
+        if variants is not None and not args.ablations:
+            raise QuickstartError("--variants chooses ablation variants: add --ablations")
+        check_variants(variants)  # before the quickstart, not after its minutes
         report = run_quickstart(args.out, settings, overwrite=args.overwrite)
         if args.ablations:
-            from .ablations import run_ablations
-
-            run_ablations(Path(args.out), settings, variants=args.variants.split(",") if args.variants else None)
+            run_ablations(Path(args.out), settings, variants=variants)
     except QuickstartError as err:
         raise SystemExit(f"iadgpt quickstart: {err}") from None
     print(f"Report: {Path(args.out) / 'report.md'} ({report['minutes']:.1f} min)")

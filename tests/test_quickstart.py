@@ -149,6 +149,17 @@ def test_command_line_reports_a_short_budget_in_one_line(tmp_path):
         main(["quickstart", "--out", str(tmp_path / "run"), "--minutes", "0.1"])
 
 
+def test_command_line_refuses_bad_ablation_variants_before_any_work(tmp_path):
+    from iadgpt.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"unknown ablation variants \['no_stage4'\]; allowed: \['last_layer_map'"):
+        main(["quickstart", "--out", str(out), "--ablations", "--variants", "no_fusion,no_stage4"])
+    with pytest.raises(SystemExit, match="--variants chooses ablation variants: add --ablations"):
+        main(["quickstart", "--out", str(out), "--variants", "no_fusion"])
+    assert not out.exists()
+
+
 def test_ablations_write_one_row_per_variant_and_retention(finished_run):
     from iadgpt.ablations import RETENTIONS, TRAINED_VARIANTS, run_ablations
 

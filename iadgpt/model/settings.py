@@ -43,9 +43,10 @@ class IADGPTSettings:
     """Fraction of each non-reference exemplar's visual tokens kept (paper: 20%). In (0, 1]."""
     in_context_residuals: bool = False
     """Beyond the paper (InCTRLv2's patch-level in-context residuals): add to every query visual
-    token a learned embedding of its residual to the nearest normal-exemplar token and of the cosine
-    distance between them (`iadgpt.model.residuals`), so a defect reaches the language model as a
-    token unlike any exemplar's. Starts at zero (a pretrained model's behaviour is unchanged until
+    token a learned embedding of its residual to the nearest normal-exemplar token and of its
+    token- and patch-level cosine distances to the nearest exemplar token / patches
+    (`iadgpt.model.residuals`), so a defect reaches the language model as a token unlike any
+    exemplar's. Starts at zero (a pretrained model's behaviour is unchanged until
     trained); samples without exemplars are left alone."""
     attention_map_layers: list[int] | None = None
     """LLM layers whose attention gives the pixel map. None: four evenly spaced layers ending at
