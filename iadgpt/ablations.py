@@ -5,8 +5,9 @@ Which parts of IADGPT matter, measured on the quickstart's own held-out categori
 * trained variants (each retrains from the same random checkpoint on the same data, with the same
   total training minutes as the quickstart run, spread over its remaining stages):
   without stage 1, without stage 2, without multi-layer vision fusion (the last vision block
-  only), with the attention map from the last LLM layer only, without the pixel loss, and without
-  the in-context residuals (`iadgpt.model.residuals`, beyond the paper);
+  only), with the attention map from the last LLM layer only, without the pixel loss, without
+  the in-context residuals (`iadgpt.model.residuals`, beyond the paper), and with the residuals
+  given to the language model only (not added to the scores: setting `residual_scores`);
 * exemplar retention 100 / 40 / 20 / 10 / 5 %: the quickstart's model evaluated with that share of
   each non-reference exemplar's visual tokens kept (inference only; it was trained at 20 %).
 
@@ -31,7 +32,10 @@ TRAINED_VARIANTS: dict[str, tuple[str, dict]] = {
     "no_fusion": ("without multi-layer vision fusion", {"iadgpt": {"vision_fusion_layers": []}}),
     "last_layer_map": ("attention map from the last LLM layer only", {"iadgpt": {"attention_map_layers": "last"}}),
     "no_pixel_loss": ("without the focal + Dice pixel loss", {"iadgpt": {"pixel_loss_weight": 0.0}}),
-    "no_residuals": ("without the in-context residuals", {"iadgpt": {"in_context_residuals": False}}),
+    "no_residuals": ("without the in-context residuals (and their evidence in the scores)",
+                     {"iadgpt": {"in_context_residuals": False, "residual_scores": False}}),
+    "no_residual_scores": ("residuals for the language model only, not in the scores",
+                           {"iadgpt": {"residual_scores": False}}),
 }
 RETENTIONS = (1.0, 0.4, 0.2, 0.1, 0.05)
 ABLATION_SHOTS = (2,)
@@ -93,8 +97,8 @@ def run_ablations(out: Path, settings, say=print, variants: list[str] | None = N
         return {name: summary["mean"] for name, summary in k.items()}
 
     main_minutes = training_budget / 60
-    rows.append({"variant": "quickstart (all stages, fusion, 4-layer maps, pixel loss, residuals, score loss, "
-                            "retention 20%)",
+    rows.append({"variant": "quickstart (all stages, fusion, 4-layer maps, pixel loss, residuals in the LLM "
+                            "and the scores, score loss, retention 20%)",
                  "name": "full", "training_minutes": round(main_minutes, 2), **metrics_of(main.paths.model_eval)})
     for name, (title, changes) in TRAINED_VARIANTS.items():
         if variants is not None and name not in variants:

@@ -109,12 +109,18 @@ class QuickstartSettings:
     """Training stages to run (ablations drop 1 or 2; the remaining ones get the time)."""
     stage_shares: tuple[float, float, float] = (0.15, 0.15, 0.7)
     """Shares of the training time of stages 1, 2, 3 (renormalised over `stages`)."""
+    stage_steps: tuple[int, int, int] | None = None
+    """Optimizer steps of stages 1, 2, 3, fixed instead of fitted to each stage's minutes: the same
+    training on any machine, however busy (tests; comparisons across machines). The budget then
+    shortens nothing: each stage trains all its steps (and ablation variants train the same steps
+    per remaining stage, not the same minutes)."""
     learning_rates: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)
     """Peak AdamW learning rates of stages 1, 2, 3: a random model learns from scratch, so these are
     far above the paper's fine-tuning rates."""
     batch_size: int = 8
     """Samples per optimizer step."""
-    iadgpt: dict = field(default_factory=lambda: {"in_context_residuals": True, "score_loss_weight": 1.0})
+    iadgpt: dict = field(default_factory=lambda: {"in_context_residuals": True, "residual_scores": True,
+                                                 "score_loss_weight": 1.0})
     """IADGPT setting overrides for every stage. Default: the in-context residuals (beyond the paper)
     with the Yes/No score loss; over two seeds they took k = 2 AUROC from 41 / 54 / 69 % (in-context /
     local / pixel) to 87 / 73 / 79 % (docs/quickstart-experiments.md section 10). {} trains the
@@ -133,6 +139,11 @@ class QuickstartSettings:
         self.stages = tuple(int(s) for s in self.stages)
         self.shots = tuple(int(k) for k in self.shots)
         self.stage_shares = tuple(float(v) for v in self.stage_shares)
+        if self.stage_steps is not None:
+            self.stage_steps = tuple(int(v) for v in self.stage_steps)
+            if len(self.stage_steps) != 3 or min(self.stage_steps) < 1:
+                raise QuickstartError(f"stage_steps must be three positive step counts (stages 1, 2, 3), "
+                                      f"got {self.stage_steps}")
         self.learning_rates = tuple(float(v) for v in self.learning_rates)
         if self.minutes <= 0:
             raise QuickstartError(f"--minutes must be positive, got {self.minutes}")
@@ -646,7 +657,7 @@ class Quickstart:
         classes = defect_classes(self.paths.held_out / "images.jsonl")
         return sum(1 for key in classes if "/test/" in key)
 
-    def stage_config(self, stage: int, max_steps: int, max_minutes: float):
+    def stage_config(self, stage: int, max_steps: int, max_minutes: float | None):
         """The stage's settings as train/train.py reads them, written to OUT/configs/stage<N>.yaml."""
         import yaml
 
@@ -665,7 +676,7 @@ class Quickstart:
             "global_batch_size": s.batch_size,
             "per_device_batch_size": s.batch_size,
             "max_steps": max_steps,
-            "max_minutes": round(max_minutes, 3),
+            "max_minutes": None if max_minutes is None else round(max_minutes, 3),
             # A random model learns to see in stages 1-3 alike: nothing is frozen (the paper freezes
             # the pretrained vision encoder in stage 3 only because it already sees).
             "freeze_vision": False,
@@ -693,16 +704,20 @@ class Quickstart:
         seconds = self.training_plan()[str(stage)]
         key = f"train{stage}_steps"
         resume = key in self.state.plan  # planned in an earlier session that did not finish the stage
-        if not resume:
+        if self.settings.stage_steps is not None:
+            self.state.plan[key] = self.settings.stage_steps[stage - 1]
+            self.state.save()
+        elif not resume:
             probe = self.stage_config(stage, max_steps=1, max_minutes=seconds / 60)
             step_seconds = time_training_step(probe)
             self.state.plan[key] = max(1, int(seconds / step_seconds))
             self.state.plan[f"train{stage}_step_seconds"] = step_seconds
             self.state.save()
         steps = self.state.plan[key]
-        cfg = self.stage_config(stage, max_steps=steps, max_minutes=seconds / 60)
-        self.say(f"[quickstart] stage {stage}: {steps} steps of {self.settings.batch_size} samples in at most "
-                 f"{seconds / 60:.1f} min")
+        fixed = self.settings.stage_steps is not None
+        cfg = self.stage_config(stage, max_steps=steps, max_minutes=None if fixed else seconds / 60)
+        self.say(f"[quickstart] stage {stage}: {steps} steps of {self.settings.batch_size} samples"
+                 + (" (fixed by stage_steps)" if fixed else f" in at most {seconds / 60:.1f} min"))
         train(cfg, resume=resume and bool(checkpoint_dirs(cfg.output_dir)))
         summary = json.loads((self.paths.run(stage) / "train_summary.json").read_text())
         losses = read_losses(self.paths.run(stage) / "metrics.jsonl")

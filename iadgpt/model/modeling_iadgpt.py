@@ -23,7 +23,7 @@ from .attention_maps import AttentionMapRecorder, AttentionMapRequest, padded_po
 from .compression import compress_exemplar_tokens
 from .fusion import VisualLayerFusion
 from .losses import dice_loss, focal_loss
-from .residuals import InContextResidual, patches_per_token, residual_features
+from .residuals import InContextResidual, ResidualEvidence, patches_per_token, residual_features
 from .settings import IADGPTSettings
 
 # Roles of the images of one sample (argument `image_roles`, one entry per image in the batch).
@@ -40,7 +40,10 @@ class IADGPTOutput(CausalLMOutputWithPast):
         (`loss` = lm + pixel_loss_weight * (focal + dice) + score_loss_weight * score).
     anomaly_maps / normal_maps: per sample, the `[h, w]` mean attention of the anomaly / normal
         words to the query image's tokens (h, w: the query's merged token grid).
-    pixel_scores: per sample, `[h, w]` probability that a token is anomalous, from the two maps.
+    pixel_scores: per sample, `[h, w]` probability that a token is anomalous, from the two maps
+        (and the residual evidence, setting `residual_scores`).
+    residual_logits: `[B]` image-level residual evidence (setting `residual_scores`; 0 for samples
+        without exemplars), added to the defect answer's logit by `image_anomaly_score`.
     kept_tokens: `[B, L]` bool, which input tokens the language model saw (None: all).
     """
 
@@ -51,6 +54,7 @@ class IADGPTOutput(CausalLMOutputWithPast):
     anomaly_maps: list[torch.Tensor] | None = None
     normal_maps: list[torch.Tensor] | None = None
     pixel_scores: list[torch.Tensor] | None = None
+    residual_logits: torch.Tensor | None = None
     kept_tokens: torch.Tensor | None = None
 
 
@@ -158,6 +162,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             # generate() encodes the images and drops image_grid_thw before the prefill, so the
             # encoder output itself carries each visual token's patches to the residuals.
             self.model.visual.register_forward_hook(self._attach_patches_per_token, with_kwargs=True)
+        if settings.residual_scores:
+            self.residual_evidence = ResidualEvidence()
         self.attention_map_recorder = AttentionMapRecorder(
             self.model.language_model.layers, settings.attention_map_layers
         )
@@ -186,6 +192,11 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             init.zeros_(residual.residual_weight)
             init.zeros_(residual.distance_embedding)
             residual._is_hf_initialized = True
+        evidence = getattr(self, "residual_evidence", None)
+        if evidence is not None and not getattr(evidence, "_is_hf_initialized", False):
+            for weight in evidence.parameters():  # zero: the scores start as without evidence
+                init.zeros_(weight)
+            evidence._is_hf_initialized = True
         super().initialize_weights()
 
     # -- words ----------------------------------------------------------------------------------
@@ -206,20 +217,35 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             ids.append(encoded[0])
         self.yes_no_token_ids = (ids[0], ids[1])
 
-    def image_anomaly_score(self, answer_logits: torch.Tensor) -> torch.Tensor:
+    def image_anomaly_score(self, answer_logits: torch.Tensor, residual_logits: torch.Tensor | None = None
+                            ) -> torch.Tensor:
         """Probability of the answer that means "defective", from the Yes/No logits (Eq. 4).
 
-        `answer_logits`: `[B, V]` logits at the answer position.
+        `answer_logits`: `[B, V]` logits at the answer position; `residual_logits`: the output's
+        `residual_logits` (setting `residual_scores`), added to the defect answer's logit.
         """
+        return self._yes_no_logits(answer_logits, residual_logits).float().softmax(-1)[:, self._defect_column]
+
+    @property
+    def _defect_column(self) -> int:
+        return 0 if self.iadgpt.detection_question.defect_answer == "Yes" else 1
+
+    def _yes_no_logits(self, logits: torch.Tensor, residual_logits: torch.Tensor | None) -> torch.Tensor:
+        """`[N, 2]` ("Yes", "No") logits from `[N, V]` logits, the residual evidence on the defect answer's."""
         if self.yes_no_token_ids is None:
             raise RuntimeError("Call model.configure_words(tokenizer) (or load with iadgpt.load_model) first.")
-        yes, no = self.yes_no_token_ids
-        probs = answer_logits[:, [yes, no]].float().softmax(-1)
-        return probs[:, 0] if self.iadgpt.detection_question.defect_answer == "Yes" else probs[:, 1]
+        pair = logits[:, list(self.yes_no_token_ids)].float()
+        if residual_logits is not None:
+            evidence = torch.zeros_like(pair)
+            evidence[:, self._defect_column] = residual_logits.float()
+            pair = pair + evidence
+        return pair
 
-    def answer_score_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def answer_score_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                          residual_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of the ("Yes", "No") logit pair that predicts each sample's first answer
-        token, over the samples whose first answer token is "Yes" or "No" (0 when there are none).
+        token (with the residual evidence, as `image_anomaly_score` scores it), over the samples
+        whose first answer token is "Yes" or "No" (0 when there are none).
 
         `logits`: `[B, L, V]` for every position; `labels`: `[B, L]`, -100 outside the answers.
         """
@@ -235,7 +261,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         usable = answered.any(1) & (first > 0) & ((token == yes) | (token == no))
         if not usable.any():
             return logits[:, :1, :1].sum() * 0.0  # keeps the graph whole for every rank
-        pair = logits[rows[usable], first[usable] - 1][:, [yes, no]].float()
+        evidence = None if residual_logits is None else residual_logits[usable]
+        pair = self._yes_no_logits(logits[rows[usable], first[usable] - 1], evidence)
         return torch.nn.functional.cross_entropy(pair, (token[usable] == no).long())
 
     # -- forward --------------------------------------------------------------------------------
@@ -316,6 +343,10 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         residuals = residual.residual_weight.new_zeros(1, residual.residual_weight.shape[1])
         distances = residual.distance_embedding.new_zeros(1, residual.distance_embedding.shape[0])
         output.loss = output.loss + 0.0 * residual(residuals, distances).sum()
+        evidence = getattr(self, "residual_evidence", None)
+        if evidence is not None:
+            tokens, images = evidence([distances])
+            output.loss = output.loss + 0.0 * (tokens[0].sum() + images.sum())
         return output
 
     def _with_dummy_image(self, output: IADGPTOutput, pixel_values, grid_thw) -> IADGPTOutput:
@@ -341,10 +372,23 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         roles = default_image_roles(counts) if image_roles is None else [int(r) for r in image_roles]
         if len(roles) != len(image_embeds):
             raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
-        residual_used = False
+        distances: dict[int, torch.Tensor] = {}
         if self.iadgpt.in_context_residuals:
-            image_embeds, residual_used = self._add_in_context_residuals(list(image_embeds), counts, roles,
-                                                                         image_patches)
+            image_embeds, distances = self._add_in_context_residuals(list(image_embeds), counts, roles, image_patches)
+        token_evidence: dict[int, torch.Tensor] = {}
+        residual_logits = None
+        if self.iadgpt.residual_scores and distances:
+            per_token, per_image = self.residual_evidence(list(distances.values()))
+            token_evidence = dict(zip(distances, per_token))
+            image_evidence = dict(zip(distances, per_image))
+            # A sample's evidence is that of its (last) query image.
+            residual_logits = per_image.new_zeros(batch)
+            first = 0
+            for b, count in enumerate(counts):
+                queries = [g for g in range(first, first + count) if g in image_evidence]
+                if queries:
+                    residual_logits[b] = image_evidence[queries[-1]]
+                first += count
 
         # 2. Embed the text and scatter the images into it, exactly as Qwen2.5-VL does.
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
@@ -368,6 +412,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         query_mask = torch.zeros_like(keep)
         query_grid: list[tuple[int, int] | None] = []
         query_end = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        map_evidence: list[torch.Tensor | None] = [None] * batch  # the query's token evidence, per sample
         merge = cfg.vision_config.spatial_merge_size
         image_index = 0
         for b, sample_spans in enumerate(spans):
@@ -396,6 +441,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 query_end[b] = end
                 _, h, w = image_grid_thw[g].tolist()
                 query_grid.append((h // merge, w // merge))
+                map_evidence[b] = token_evidence.get(g)
 
         # 5. Word rows for the pixel maps: prompt words after the query image (they can attend to it).
         if want_maps:
@@ -447,25 +493,29 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if lab is not None:
             lm_loss = self.loss_function(logits=logits, labels=lab, vocab_size=cfg.text_config.vocab_size, **kwargs)
         result = IADGPTOutput(logits=logits, past_key_values=outputs.past_key_values, lm_loss=lm_loss,
-                              loss=lm_loss, kept_tokens=kept_tokens)
+                              loss=lm_loss, kept_tokens=kept_tokens, residual_logits=residual_logits)
         if lab is not None and self.iadgpt.score_loss_weight > 0:
-            result.score_loss = self.answer_score_loss(logits, lab)
+            result.score_loss = self.answer_score_loss(logits, lab, residual_logits)
             result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
         if want_maps:
-            self._attach_maps(result, request, query_grid, pixel_masks)
-        return self._with_unused_residual(result, residual_used)
+            self._attach_maps(result, request, query_grid, pixel_masks, map_evidence)
+        if token_evidence and result.loss is not None:
+            # Evidence a loss did not use (no map, or no score loss) still joins the graph: DDP and
+            # ZeRO expect every parameter of a forward to get a gradient.
+            result.loss = result.loss + 0.0 * (residual_logits.sum() + sum(t.sum() for t in token_evidence.values()))
+        return self._with_unused_residual(result, bool(distances))
 
     def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
                                   roles: list[int], image_patches: list[torch.Tensor] | None
-                                  ) -> tuple[list[torch.Tensor], bool]:
+                                  ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
         """Each query image's tokens plus their residual embeddings against all exemplar tokens and
         patches of its sample (`iadgpt.model.residuals`); samples without exemplars are left as they
-        are. Also returns whether any sample had both."""
+        are. Also returns the `[n, 3]` distances of each query image that had exemplars, by image index."""
         starts = [sum(counts[:i]) for i in range(len(counts))]
         samples = [range(start, start + count) for start, count in zip(starts, counts)]
         if not any(any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m)
                    for m in samples):
-            return image_embeds, False
+            return image_embeds, {}
         patches = image_patches
         if patches is None or len(patches) != len(image_embeds):
             raise ValueError("In-context residuals need each image's vision patches, which this model's image encoder "
@@ -489,7 +539,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         added = self.in_context_residual(torch.cat(residuals), torch.cat(distances))
         for g, piece in zip(queries, added.split([r.shape[0] for r in residuals])):
             image_embeds[g] = image_embeds[g] + piece.to(image_embeds[g].dtype)
-        return image_embeds, True
+        return image_embeds, dict(zip(queries, distances))
 
     def _word_rows(self, input_ids, labels, query_end, anomaly_word_mask, normal_word_mask, map_samples=None):
         if anomaly_word_mask is None or normal_word_mask is None:
@@ -535,7 +585,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             maps.append(torch.stack(per_layer).mean(0))
         return maps
 
-    def _attach_maps(self, result: IADGPTOutput, request: AttentionMapRequest, grids, pixel_masks) -> None:
+    def _attach_maps(self, result: IADGPTOutput, request: AttentionMapRequest, grids, pixel_masks,
+                     evidence: list[torch.Tensor | None]) -> None:
         layers = self.iadgpt.attention_map_layers
         anomaly = torch.stack([request.maps[n][0] for n in layers]).mean(0)  # mean over layers (Eq. 5)
         normal = torch.stack([request.maps[n][1] for n in layers]).mean(0)
@@ -551,7 +602,10 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             n = normal[b, : h * w].view(h, w)
             result.anomaly_maps.append(a)
             result.normal_maps.append(n)
-            result.pixel_scores.append(pixel_anomaly_probability(a, n if has_normal[b] else None))
+            scores = pixel_anomaly_probability(a, n if has_normal[b] else None)
+            if evidence[b] is not None:  # residual evidence, in logit space
+                scores = torch.sigmoid(torch.logit(scores, eps=1e-6) + evidence[b].float().view(h, w))
+            result.pixel_scores.append(scores)
         if pixel_masks is None:
             return
         focal_terms, dice_terms = [], []

@@ -116,3 +116,39 @@ class InContextResidual(nn.Module):
         """`[n, d]` embeddings to add, from `[n, d]` residuals and `[n, 3]` distances (`residual_features`)."""
         added = residuals.to(self.residual_weight.dtype) @ self.residual_weight.T
         return added + distances.to(self.distance_embedding.dtype) @ self.distance_embedding
+
+
+class ResidualEvidence(nn.Module):
+    """Learned anomaly evidence from the residual distances, added to the model's own scores in
+    logit space (setting `residual_scores`):
+
+        image: r = max_t(d_t) . w_max + mean_t(d_t) . w_mean + b   (over the query's tokens t)
+        token: r_t = d_t . v + c
+
+    with d_t the three DISTANCE_FEATURES of token t. The language model already sees the distances
+    (InContextResidual) but must learn to route them to one answer token and to the anomaly words'
+    attention; this direct path is what InCTRL does with its residual score, and it trains in a few
+    hundred steps. Every weight is stored divided by GAIN: Adam moves a weight by about the learning
+    rate per step whatever its gradient, and cosine distances differ by tenths where logits must
+    move by units, so the stored weights move at the pace of a logit. Zero-initialised (see
+    `IADGPTForConditionalGeneration.initialize_weights`): the scores start as without evidence.
+    Called once per forward for the whole batch, like InContextResidual (ZeRO-3).
+    """
+
+    GAIN = 100.0
+
+    def __init__(self):
+        super().__init__()
+        features = len(DISTANCE_FEATURES)
+        self.image_weight = nn.Parameter(torch.zeros(2 * features))
+        self.image_bias = nn.Parameter(torch.zeros(1))
+        self.token_weight = nn.Parameter(torch.zeros(features))
+        self.token_bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, distances: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per query image `[n_i, 3]` distances -> (per image `[n_i]` token evidence, `[images]` image evidence)."""
+        flat = torch.cat(distances).to(self.token_weight.dtype)
+        tokens = self.GAIN * (flat @ self.token_weight + self.token_bias)
+        pooled = torch.stack([torch.cat([d.amax(0), d.mean(0)]) for d in distances]).to(self.image_weight.dtype)
+        images = self.GAIN * (pooled @ self.image_weight + self.image_bias)
+        return list(tokens.split([d.shape[0] for d in distances])), images

@@ -48,6 +48,13 @@ class IADGPTSettings:
     (`iadgpt.model.residuals`), so a defect reaches the language model as a token unlike any
     exemplar's. Starts at zero (a pretrained model's behaviour is unchanged until
     trained); samples without exemplars are left alone."""
+    residual_scores: bool = False
+    """Beyond the paper (InCTRL adds its residual score to its holistic score): also add the
+    residual distances straight to the anomaly scores as learned evidence, in logit space. Image
+    score: sigmoid(defect-answer logit - other logit + r), r linear in the query tokens' largest and
+    mean distances; pixel map: sigmoid(logit(attention map) + r_token), r_token linear in the token's
+    distances (`iadgpt.model.residuals.ResidualEvidence`). Needs `in_context_residuals`; learned by
+    the score loss (image) and the focal + Dice loss (map); starts at zero (scores unchanged)."""
     attention_map_layers: list[int] | None = None
     """LLM layers whose attention gives the pixel map. None: four evenly spaced layers ending at
     the last (paper: 7, 14, 21, 28 of 28)."""
@@ -85,6 +92,9 @@ class IADGPTSettings:
                 f"detection_question.defect_answer={self.detection_question.defect_answer!r}: "
                 "allowed are 'Yes' and 'No'."
             )
+        if self.residual_scores and not self.in_context_residuals:
+            raise ValueError("residual_scores=True adds the in-context residual distances to the scores: it needs "
+                             "in_context_residuals=True.")
         if not self.anomaly_words:
             raise ValueError("anomaly_words is empty: the pixel map needs at least one anomaly word.")
 

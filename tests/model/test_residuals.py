@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iadgpt.model import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY, detection_inputs, load_model, load_processor
+from iadgpt.model import (ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY, detection_inputs, few_shot_messages, load_model,
+                          load_processor)
 from iadgpt.model.modeling_iadgpt import image_spans
-from iadgpt.model.residuals import nearest_exemplar_tokens, patches_per_token
+from iadgpt.model.residuals import ResidualEvidence, nearest_exemplar_tokens, patches_per_token, residual_features
 
 RESIDUALS = {"in_context_residuals": True, "compress_exemplars": False}
 
@@ -183,16 +184,119 @@ def test_the_residual_module_runs_once_per_training_forward_whatever_the_batch(t
                                                                               random_image):
     """ZeRO-3 gathers a module's weights collectively at every call: each rank must call it equally
     often, whether its batch holds two few-shot samples, one, or none (captions)."""
-    model = load_model(tiny_checkpoint, iadgpt=RESIDUALS).train()
-    calls = []
+    model = load_model(tiny_checkpoint, iadgpt={**RESIDUALS, "residual_scores": True}).train()
+    calls, evidence_calls = [], []
     model.in_context_residual.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    model.residual_evidence.register_forward_hook(lambda module, args, output: evidence_calls.append(1))
     two = detection_inputs(tiny_processor, [[random_image()], [random_image(), random_image()]],
                            [random_image(), random_image()])
     none = detection_inputs(tiny_processor, [[]], [random_image()])
     for inputs in (two, none):
         calls.clear()
+        evidence_calls.clear()
         model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100))
-        assert len(calls) == 1
+        assert len(calls) == len(evidence_calls) == 1
     tokens_per_query = (two["image_grid_thw"][-1].prod() // 4).item()
     model(**two, labels=two["input_ids"].masked_fill(two["attention_mask"] == 0, -100))
     assert calls[-1] == 2 * tokens_per_query  # both samples' query tokens in the one call
+
+
+EVIDENCE = {**RESIDUALS, "residual_scores": True}
+
+
+def evidence_model(checkpoint, seed: int = 0, zero_evidence: bool = False):
+    """A model with residual scores whose residual and evidence weights are random (both start at zero)."""
+    model = residual_model(checkpoint, seed, residual_scores=True)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for weight in model.residual_evidence.parameters():
+            weight.copy_(0 if zero_evidence else torch.randn(weight.shape, generator=generator) * 0.05)
+    return model
+
+
+def query_distances(model, inputs, exemplar_images: list[int], query_image: int):
+    """`[n, 3]` residual distances of one query image against the given exemplar images (all in batch order)."""
+    with torch.no_grad():
+        encoded = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    tokens, patches = encoded.pooler_output, encoded.patches_per_token
+    return residual_features(tokens[query_image], torch.cat([tokens[i] for i in exemplar_images]),
+                             patches[query_image], torch.cat([patches[i] for i in exemplar_images]))[1]
+
+
+def test_residual_evidence_is_added_to_the_image_score_and_the_map_in_logit_space(tiny_checkpoint, tiny_processor,
+                                                                                  random_image):
+    """Hand-computed reference: image score sigmoid(l_yes - l_no + r) with r = GAIN (max/mean of the
+    query's distances . w + b), map sigmoid(logit(p) + GAIN (d . v + c)), p the map without evidence;
+    the language model itself is untouched; a sample without exemplars gets no evidence."""
+    model = evidence_model(tiny_checkpoint)
+    without = evidence_model(tiny_checkpoint, zero_evidence=True)
+    evidence = model.residual_evidence
+    for exemplars in ([random_image(), random_image(84)], []):
+        inputs = detection_inputs(tiny_processor, [exemplars], [random_image(112, 168)])
+        with torch.no_grad():
+            out = model(**inputs, pixel_maps=True, logits_to_keep=1)
+            reference = without(**inputs, pixel_maps=True, logits_to_keep=1)
+        torch.testing.assert_close(out.logits, reference.logits)
+        yes, no = model.yes_no_token_ids
+        margin = out.logits[0, -1, yes] - out.logits[0, -1, no]
+        if not exemplars:
+            assert out.residual_logits is None
+            torch.testing.assert_close(model.image_anomaly_score(out.logits[:, -1], out.residual_logits),
+                                       torch.sigmoid(margin)[None])
+            torch.testing.assert_close(out.pixel_scores[0], reference.pixel_scores[0])
+            continue
+        distances = query_distances(model, inputs, [0, 1], 2)
+        pooled = torch.cat([distances.max(0).values, distances.mean(0)])
+        r_image = ResidualEvidence.GAIN * (pooled @ evidence.image_weight + evidence.image_bias)
+        torch.testing.assert_close(out.residual_logits, r_image.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.image_anomaly_score(out.logits[:, -1], out.residual_logits),
+                                   torch.sigmoid(margin + r_image).detach(), atol=1e-6, rtol=1e-5)
+        r_tokens = ResidualEvidence.GAIN * (distances @ evidence.token_weight + evidence.token_bias)
+        p = reference.pixel_scores[0]
+        expected = torch.sigmoid(torch.logit(p, eps=1e-6) + r_tokens.detach().view(p.shape))
+        torch.testing.assert_close(out.pixel_scores[0], expected, atol=1e-5, rtol=1e-5)
+        assert (out.pixel_scores[0] - p).abs().max() > 0.05
+
+
+def test_residual_evidence_starts_at_zero_and_learns_from_the_score_and_pixel_losses(
+        tiny_checkpoint, tiny_processor, random_image, tmp_path):
+    with pytest.raises(ValueError, match="residual_scores=True .* needs in_context_residuals=True"):
+        load_model(tiny_checkpoint, iadgpt={"residual_scores": True})
+    inputs = detection_inputs(tiny_processor, [[random_image(), random_image()]], [random_image()])
+    fresh = load_model(tiny_checkpoint, iadgpt=EVIDENCE).eval()
+    assert not any(weight.any() for weight in fresh.residual_evidence.parameters())
+    plain = load_model(tiny_checkpoint, iadgpt=RESIDUALS).eval()
+    with torch.no_grad():
+        a, b = fresh(**inputs, pixel_maps=True), plain(**inputs, pixel_maps=True)
+    torch.testing.assert_close(fresh.image_anomaly_score(a.logits[:, -1], a.residual_logits),
+                               plain.image_anomaly_score(b.logits[:, -1]))
+    torch.testing.assert_close(a.pixel_scores[0], b.pixel_scores[0], atol=1e-6, rtol=0)
+
+    # One training step: the score loss is the cross-entropy of the evidence-shifted Yes/No pair, and
+    # both losses reach the evidence weights.
+    model = evidence_model(tiny_checkpoint, zero_evidence=False).train()
+    model.iadgpt.score_loss_weight = 1.0
+    question = model.iadgpt.detection_question.text
+    text = tiny_processor.apply_chat_template(few_shot_messages(1, question, answer="Yes, a scratch."), tokenize=False)
+    images = [random_image(), random_image()]
+    batch = tiny_processor(text=[text], images=images, return_tensors="pt")
+    prefix = tiny_processor.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    row = batch["input_ids"][0].tolist()
+    start = next(i + len(prefix) for i in range(len(row)) if row[i:i + len(prefix)] == prefix)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, start:] = batch["input_ids"][0, start:]
+    mask = torch.zeros(112, 112)
+    mask[30:60, 40:80] = 1
+    out = model(**batch, labels=labels, pixel_masks=[mask])
+    yes, no = model.yes_no_token_ids
+    pair = out.logits[0, start - 1, [yes, no]].float() + torch.stack([out.residual_logits[0], torch.tensor(0.0)])
+    torch.testing.assert_close(out.score_loss, -pair.log_softmax(-1)[0])
+    out.loss.backward()
+    for name, weight in model.residual_evidence.named_parameters():
+        assert weight.grad is not None and weight.grad.abs().sum() > 0, name
+
+    model.save_pretrained(tmp_path / "saved")
+    load_processor(tiny_checkpoint).save_pretrained(tmp_path / "saved")
+    reloaded = load_model(tmp_path / "saved")
+    assert reloaded.iadgpt.residual_scores
+    assert torch.equal(reloaded.residual_evidence.image_weight, model.residual_evidence.image_weight)
