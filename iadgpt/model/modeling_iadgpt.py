@@ -40,8 +40,9 @@ class IADGPTOutput(CausalLMOutputWithPast):
         (`loss` = lm + pixel_loss_weight * (focal + dice) + score_loss_weight * score).
     anomaly_maps / normal_maps: per sample, the `[h, w]` mean attention of the anomaly / normal
         words to the query image's tokens (h, w: the query's merged token grid).
-    pixel_scores: per sample, `[h, w]` probability that a token is anomalous, from the two maps
-        (and the residual evidence, setting `residual_scores`).
+    pixel_scores: per sample, `[h, w]` probability that a token is anomalous, from the two maps;
+        with the residual evidence (setting `residual_scores`) `[h * m, w * m]`, per vision patch
+        (m: spatial_merge_size).
     residual_logits: `[B]` image-level residual evidence (setting `residual_scores`; 0 for samples
         without exemplars), added to the defect answer's logit by `image_anomaly_score`.
     kept_tokens: `[B, L]` bool, which input tokens the language model saw (None: all).
@@ -345,8 +346,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         output.loss = output.loss + 0.0 * residual(residuals, distances).sum()
         evidence = getattr(self, "residual_evidence", None)
         if evidence is not None:
-            tokens, images = evidence([distances])
-            output.loss = output.loss + 0.0 * (tokens[0].sum() + images.sum())
+            patches, images = evidence([distances], [distances.new_zeros(1, 4)])
+            output.loss = output.loss + 0.0 * (patches[0].sum() + images.sum())
         return output
 
     def _with_dummy_image(self, output: IADGPTOutput, pixel_values, grid_thw) -> IADGPTOutput:
@@ -375,11 +376,11 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         distances: dict[int, torch.Tensor] = {}
         if self.iadgpt.in_context_residuals:
             image_embeds, distances = self._add_in_context_residuals(list(image_embeds), counts, roles, image_patches)
-        token_evidence: dict[int, torch.Tensor] = {}
+        token_evidence: dict[int, torch.Tensor] = {}  # per query image, [n, unit] evidence of its patches
         residual_logits = None
         if self.iadgpt.residual_scores and distances:
-            per_token, per_image = self.residual_evidence(list(distances.values()))
-            token_evidence = dict(zip(distances, per_token))
+            per_patch, per_image = self.residual_evidence(*map(list, zip(*distances.values())))
+            token_evidence = dict(zip(distances, per_patch))
             image_evidence = dict(zip(distances, per_image))
             # A sample's evidence is that of its (last) query image.
             residual_logits = per_image.new_zeros(batch)
@@ -510,7 +511,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                   ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
         """Each query image's tokens plus their residual embeddings against all exemplar tokens and
         patches of its sample (`iadgpt.model.residuals`); samples without exemplars are left as they
-        are. Also returns the `[n, 3]` distances of each query image that had exemplars, by image index."""
+        are. Also returns, by image index, the `[n, 3]` distances and `[n, unit]` patch distances of
+        each query image that had exemplars."""
         starts = [sum(counts[:i]) for i in range(len(counts))]
         samples = [range(start, start + count) for start, count in zip(starts, counts)]
         if not any(any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m)
@@ -522,7 +524,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                              "adds to its output (`patches_per_token`): pass pixel_values, or mm_encoder_outputs "
                              "straight from model.get_image_features(..., return_dict=True) of these images "
                              "(generate() with num_beams > 1 or num_return_sequences > 1 is not supported).")
-        queries, residuals, distances = [], [], []
+        queries, residuals, distances, patch_distances = [], [], [], []
         for members in samples:
             exemplars = [g for g in members if roles[g] == ROLE_EXEMPLAR]
             if not exemplars:
@@ -531,15 +533,17 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             patch_bank = torch.cat([patches[g] for g in exemplars])
             for g in members:
                 if roles[g] == ROLE_QUERY:
-                    residual, distance = residual_features(image_embeds[g], bank, patches[g], patch_bank)
+                    residual, distance, patch_distance = residual_features(image_embeds[g], bank, patches[g],
+                                                                           patch_bank)
                     queries.append(g)
                     residuals.append(residual)
                     distances.append(distance)
+                    patch_distances.append(patch_distance)
         # One call for the whole batch (see InContextResidual).
         added = self.in_context_residual(torch.cat(residuals), torch.cat(distances))
         for g, piece in zip(queries, added.split([r.shape[0] for r in residuals])):
             image_embeds[g] = image_embeds[g] + piece.to(image_embeds[g].dtype)
-        return image_embeds, dict(zip(queries, distances))
+        return image_embeds, dict(zip(queries, zip(distances, patch_distances)))
 
     def _word_rows(self, input_ids, labels, query_end, anomaly_word_mask, normal_word_mask, map_samples=None):
         if anomaly_word_mask is None or normal_word_mask is None:
@@ -603,8 +607,11 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             result.anomaly_maps.append(a)
             result.normal_maps.append(n)
             scores = pixel_anomaly_probability(a, n if has_normal[b] else None)
-            if evidence[b] is not None:  # residual evidence, in logit space
-                scores = torch.sigmoid(torch.logit(scores, eps=1e-6) + evidence[b].float().view(h, w))
+            if evidence[b] is not None:  # residual evidence, in logit space, per vision patch
+                m = self.config.vision_config.spatial_merge_size
+                patches = evidence[b].float().view(h, w, m, m).transpose(1, 2).reshape(h * m, w * m)
+                fine = scores.repeat_interleave(m, 0).repeat_interleave(m, 1)
+                scores = torch.sigmoid(torch.logit(fine, eps=1e-6) + patches)
             result.pixel_scores.append(scores)
         if pixel_masks is None:
             return

@@ -80,7 +80,7 @@ def nearest_patch_distances(query_patches: torch.Tensor, exemplar_patches: torch
 
 
 def residual_features(query_tokens: torch.Tensor, exemplar_tokens: torch.Tensor, query_patches: torch.Tensor,
-                      exemplar_patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      exemplar_patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `InContextResidual` embeds for one query image.
 
     Args:
@@ -90,12 +90,13 @@ def residual_features(query_tokens: torch.Tensor, exemplar_tokens: torch.Tensor,
             (`patches_per_token`).
 
     Returns:
-        (`[n, d]` residuals to the nearest exemplar tokens, `[n, 3]` distances, DISTANCE_FEATURES).
+        (`[n, d]` residuals to the nearest exemplar tokens, `[n, 3]` distances (DISTANCE_FEATURES),
+        `[n, unit]` distance of each of the token's patches to its nearest exemplar patch).
     """
     nearest, token_distance = nearest_exemplar_tokens(query_tokens, exemplar_tokens)
     patch_distance = nearest_patch_distances(query_patches, exemplar_patches)
     distances = torch.stack([token_distance, patch_distance.amax(-1), patch_distance.mean(-1)], dim=-1)
-    return query_tokens - nearest, distances
+    return query_tokens - nearest, distances, patch_distance
 
 
 class InContextResidual(nn.Module):
@@ -123,9 +124,11 @@ class ResidualEvidence(nn.Module):
     logit space (setting `residual_scores`):
 
         image: r = max_t(d_t) . w_max + mean_t(d_t) . w_mean + b   (over the query's tokens t)
-        token: r_t = d_t . v + c
+        patch: r_p = (d_p, d_t[token], d_t[patch_mean]) . v + c      (p one of token t's patches)
 
-    with d_t the three DISTANCE_FEATURES of token t. The language model already sees the distances
+    with d_t the three DISTANCE_FEATURES of token t and d_p the patch's own distance to its nearest
+    exemplar patch: the map gets the vision patches' resolution (spatial_merge_size finer than the
+    token grid), which small defects need. The language model already sees the distances
     (InContextResidual) but must learn to route them to one answer token and to the anomaly words'
     attention; this direct path is what InCTRL does with its residual score, and it trains in a few
     hundred steps. Every weight is stored divided by GAIN: Adam moves a weight by about the learning
@@ -145,10 +148,13 @@ class ResidualEvidence(nn.Module):
         self.token_weight = nn.Parameter(torch.zeros(features))
         self.token_bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, distances: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per query image `[n_i, 3]` distances -> (per image `[n_i]` token evidence, `[images]` image evidence)."""
-        flat = torch.cat(distances).to(self.token_weight.dtype)
-        tokens = self.GAIN * (flat @ self.token_weight + self.token_bias)
+    def forward(self, distances: list[torch.Tensor], patch_distances: list[torch.Tensor]
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per query image `[n_i, 3]` distances and `[n_i, unit]` patch distances (`residual_features`)
+        -> (per image `[n_i, unit]` patch evidence, `[images]` image evidence)."""
+        flat, patches = torch.cat(distances), torch.cat(patch_distances)
+        features = torch.stack([patches, flat[:, None, 0].expand_as(patches), flat[:, None, 2].expand_as(patches)], -1)
+        per_patch = self.GAIN * (features.to(self.token_weight.dtype) @ self.token_weight + self.token_bias)
         pooled = torch.stack([torch.cat([d.amax(0), d.mean(0)]) for d in distances]).to(self.image_weight.dtype)
         images = self.GAIN * (pooled @ self.image_weight + self.image_bias)
-        return list(tokens.split([d.shape[0] for d in distances])), images
+        return list(per_patch.split([d.shape[0] for d in distances])), images

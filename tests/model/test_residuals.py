@@ -204,32 +204,34 @@ def test_the_residual_module_runs_once_per_training_forward_whatever_the_batch(t
 EVIDENCE = {**RESIDUALS, "residual_scores": True}
 
 
-def evidence_model(checkpoint, seed: int = 0, zero_evidence: bool = False):
+def evidence_model(checkpoint, seed: int = 0):
     """A model with residual scores whose residual and evidence weights are random (both start at zero)."""
     model = residual_model(checkpoint, seed, residual_scores=True)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for weight in model.residual_evidence.parameters():
-            weight.copy_(0 if zero_evidence else torch.randn(weight.shape, generator=generator) * 0.05)
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
     return model
 
 
 def query_distances(model, inputs, exemplar_images: list[int], query_image: int):
-    """`[n, 3]` residual distances of one query image against the given exemplar images (all in batch order)."""
+    """`[n, 3]` residual distances and `[n, 4]` patch distances of one query image against the given
+    exemplar images (all in batch order)."""
     with torch.no_grad():
         encoded = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
     tokens, patches = encoded.pooler_output, encoded.patches_per_token
     return residual_features(tokens[query_image], torch.cat([tokens[i] for i in exemplar_images]),
-                             patches[query_image], torch.cat([patches[i] for i in exemplar_images]))[1]
+                             patches[query_image], torch.cat([patches[i] for i in exemplar_images]))[1:]
 
 
 def test_residual_evidence_is_added_to_the_image_score_and_the_map_in_logit_space(tiny_checkpoint, tiny_processor,
                                                                                   random_image):
     """Hand-computed reference: image score sigmoid(l_yes - l_no + r) with r = GAIN (max/mean of the
-    query's distances . w + b), map sigmoid(logit(p) + GAIN (d . v + c)), p the map without evidence;
-    the language model itself is untouched; a sample without exemplars gets no evidence."""
+    query's distances . w + b); map, per vision patch, sigmoid(logit(p) + GAIN ((d_patch, d_token,
+    d_patch_mean) . v + c)), p the token map without evidence; the language model itself is
+    untouched; a sample without exemplars gets no evidence."""
     model = evidence_model(tiny_checkpoint)
-    without = evidence_model(tiny_checkpoint, zero_evidence=True)
+    without = residual_model(tiny_checkpoint)  # the same residual weights, no evidence
     evidence = model.residual_evidence
     for exemplars in ([random_image(), random_image(84)], []):
         inputs = detection_inputs(tiny_processor, [exemplars], [random_image(112, 168)])
@@ -245,17 +247,24 @@ def test_residual_evidence_is_added_to_the_image_score_and_the_map_in_logit_spac
                                        torch.sigmoid(margin)[None])
             torch.testing.assert_close(out.pixel_scores[0], reference.pixel_scores[0])
             continue
-        distances = query_distances(model, inputs, [0, 1], 2)
+        distances, patch_distances = query_distances(model, inputs, [0, 1], 2)
         pooled = torch.cat([distances.max(0).values, distances.mean(0)])
         r_image = ResidualEvidence.GAIN * (pooled @ evidence.image_weight + evidence.image_bias)
         torch.testing.assert_close(out.residual_logits, r_image.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.image_anomaly_score(out.logits[:, -1], out.residual_logits),
                                    torch.sigmoid(margin + r_image).detach(), atol=1e-6, rtol=1e-5)
-        r_tokens = ResidualEvidence.GAIN * (distances @ evidence.token_weight + evidence.token_bias)
         p = reference.pixel_scores[0]
-        expected = torch.sigmoid(torch.logit(p, eps=1e-6) + r_tokens.detach().view(p.shape))
+        h, w = p.shape
+        expected = torch.empty(2 * h, 2 * w)
+        v, c = evidence.token_weight.detach(), evidence.token_bias.detach()
+        for t in range(h * w):
+            for unit in range(4):  # the merger folds patches (2i + a, 2j + b) into token (i, j), a-major
+                i, j, a, b = t // w, t % w, unit // 2, unit % 2
+                features = torch.stack([patch_distances[t, unit], distances[t, 0], distances[t, 2]])
+                r = ResidualEvidence.GAIN * (features @ v + c)
+                expected[2 * i + a, 2 * j + b] = torch.sigmoid(torch.logit(p[i, j], eps=1e-6) + r)
         torch.testing.assert_close(out.pixel_scores[0], expected, atol=1e-5, rtol=1e-5)
-        assert (out.pixel_scores[0] - p).abs().max() > 0.05
+        assert (out.pixel_scores[0] - p.repeat_interleave(2, 0).repeat_interleave(2, 1)).abs().max() > 0.05
 
 
 def test_residual_evidence_starts_at_zero_and_learns_from_the_score_and_pixel_losses(
@@ -270,11 +279,13 @@ def test_residual_evidence_starts_at_zero_and_learns_from_the_score_and_pixel_lo
         a, b = fresh(**inputs, pixel_maps=True), plain(**inputs, pixel_maps=True)
     torch.testing.assert_close(fresh.image_anomaly_score(a.logits[:, -1], a.residual_logits),
                                plain.image_anomaly_score(b.logits[:, -1]))
-    torch.testing.assert_close(a.pixel_scores[0], b.pixel_scores[0], atol=1e-6, rtol=0)
+    # The map gets the vision patches' grid, each patch its token's value until evidence is learned.
+    fine = b.pixel_scores[0].repeat_interleave(2, 0).repeat_interleave(2, 1)
+    torch.testing.assert_close(a.pixel_scores[0], fine, atol=1e-6, rtol=0)
 
     # One training step: the score loss is the cross-entropy of the evidence-shifted Yes/No pair, and
     # both losses reach the evidence weights.
-    model = evidence_model(tiny_checkpoint, zero_evidence=False).train()
+    model = evidence_model(tiny_checkpoint).train()
     model.iadgpt.score_loss_weight = 1.0
     question = model.iadgpt.detection_question.text
     text = tiny_processor.apply_chat_template(few_shot_messages(1, question, answer="Yes, a scratch."), tokenize=False)
