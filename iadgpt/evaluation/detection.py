@@ -418,9 +418,9 @@ class ScoreCache:
     """Append-only JSON-lines files of per-query results, one per (k, seed) and process.
 
     A line: {"query": key, "category", "run": fingerprint, "score", "width", "height",
-    "token_map": [[...]]}. The token map (the model's own grid, e.g. 18 x 18 for a 504-px query) is
-    all the evaluation needs to rebuild the map at any resolution, so lines stay small and a run
-    keeps no other state. Plain JSON: nothing executable is ever loaded back.
+    "token_map": [[...]]}. The token map (the model's own grid, e.g. 18 x 18 for a 504-px query, or
+    36 x 36 per vision patch with `residual_scores`) is all the evaluation needs to rebuild the map
+    at any resolution, so lines stay small and a run keeps no other state. Plain JSON: nothing executable is ever loaded back.
     """
 
     FIELDS = frozenset({"query", "category", "run", "score", "width", "height", "token_map"})
