@@ -104,7 +104,7 @@ class Inspector:
     def _inspect_batch(self, queries, normals, abnormal, with_text, max_new_tokens) -> list[InspectionResult]:
         inputs = self.batch_inputs(queries, normals, abnormal)
         out = self.model(**inputs, pixel_maps=True, logits_to_keep=1)
-        scores = self.model.image_anomaly_score(out.logits[:, -1], out.residual_logits).tolist()
+        scores = self.model.image_anomaly_score(out.logits[:, -1]).tolist()
         texts = [None] * len(queries)
         if with_text:
             generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

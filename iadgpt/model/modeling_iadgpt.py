@@ -44,7 +44,8 @@ class IADGPTOutput(CausalLMOutputWithPast):
         with the residual evidence (setting `residual_scores`) `[h * m, w * m]`, per vision patch
         (m: spatial_merge_size).
     residual_logits: `[B]` image-level residual evidence (setting `residual_scores`; 0 for samples
-        without exemplars), added to the defect answer's logit by `image_anomaly_score`.
+        without exemplars), already in the Yes/No logits where the detection question is answered
+        (half to each, so `image_anomaly_score`, the score loss and generation all use it).
     kept_tokens: `[B, L]` bool, which input tokens the language model saw (None: all).
     """
 
@@ -170,6 +171,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         )
         self.word_token_ids: dict[str, list[tuple[int, ...]]] | None = None
         self.yes_no_token_ids: tuple[int, int] | None = None
+        self.detection_prompt_end_ids: tuple[int, ...] | None = None
         self._compacted_prefix: _CompactedPrefix | None = None
 
     def _attach_patches_per_token(self, visual, args, kwargs, output):
@@ -217,54 +219,81 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                  "needs it to be a single token.")
             ids.append(encoded[0])
         self.yes_no_token_ids = (ids[0], ids[1])
+        # How a prompt asking the detection question ends (Qwen's chat template). Its first token is
+        # left out: it may merge differently with the text before it.
+        ending = self.iadgpt.detection_question.text + "<|im_end|>\n<|im_start|>assistant\n"
+        self.detection_prompt_end_ids = tuple(tokenizer.encode(ending, add_special_tokens=False)[1:])
 
-    def image_anomaly_score(self, answer_logits: torch.Tensor, residual_logits: torch.Tensor | None = None
-                            ) -> torch.Tensor:
+    def image_anomaly_score(self, answer_logits: torch.Tensor) -> torch.Tensor:
         """Probability of the answer that means "defective", from the Yes/No logits (Eq. 4).
 
-        `answer_logits`: `[B, V]` logits at the answer position; `residual_logits`: the output's
-        `residual_logits` (setting `residual_scores`), added to the defect answer's logit.
-        """
-        return self._yes_no_logits(answer_logits, residual_logits).float().softmax(-1)[:, self._defect_column]
-
-    @property
-    def _defect_column(self) -> int:
-        return 0 if self.iadgpt.detection_question.defect_answer == "Yes" else 1
-
-    def _yes_no_logits(self, logits: torch.Tensor, residual_logits: torch.Tensor | None) -> torch.Tensor:
-        """`[N, 2]` ("Yes", "No") logits from `[N, V]` logits, the residual evidence on the defect answer's."""
-        if self.yes_no_token_ids is None:
-            raise RuntimeError("Call model.configure_words(tokenizer) (or load with iadgpt.load_model) first.")
-        pair = logits[:, list(self.yes_no_token_ids)].float()
-        if residual_logits is not None:
-            evidence = torch.zeros_like(pair)
-            evidence[:, self._defect_column] = residual_logits.float()
-            pair = pair + evidence
-        return pair
-
-    def answer_score_loss(self, logits: torch.Tensor, labels: torch.Tensor,
-                          residual_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of the ("Yes", "No") logit pair that predicts each sample's first answer
-        token (with the residual evidence, as `image_anomaly_score` scores it), over the samples
-        whose first answer token is "Yes" or "No" (0 when there are none).
-
-        `logits`: `[B, L, V]` for every position; `labels`: `[B, L]`, -100 outside the answers.
+        `answer_logits`: `[B, V]` logits at the answer position (with `residual_scores`, they already
+        hold the residual evidence: see `IADGPTOutput.residual_logits`).
         """
         if self.yes_no_token_ids is None:
             raise RuntimeError("Call model.configure_words(tokenizer) (or load with iadgpt.load_model) first.")
-        if logits.shape[1] != labels.shape[1]:
-            raise ValueError("the score loss needs the logits of every position (logits_to_keep=0)")
+        yes, no = self.yes_no_token_ids
+        probs = answer_logits[:, [yes, no]].float().softmax(-1)
+        return probs[:, 0] if self.iadgpt.detection_question.defect_answer == "Yes" else probs[:, 1]
+
+    def _yes_no_answers(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, positions predicting their first answer token, those tokens), for the samples whose
+        answer starts with "Yes" or "No"."""
+        if self.yes_no_token_ids is None:
+            raise RuntimeError("Call model.configure_words(tokenizer) (or load with iadgpt.load_model) first.")
         yes, no = self.yes_no_token_ids
         answered = labels != -100
         first = answered.int().argmax(1)
         rows = torch.arange(labels.shape[0], device=labels.device)
         token = labels[rows, first]
         usable = answered.any(1) & (first > 0) & ((token == yes) | (token == no))
-        if not usable.any():
+        return rows[usable], first[usable] - 1, token[usable]
+
+    def answer_score_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the ("Yes", "No") logit pair that predicts each sample's first answer
+        token, over the samples whose first answer token is "Yes" or "No" (0 when there are none).
+
+        `logits`: `[B, L, V]` for every position; `labels`: `[B, L]`, -100 outside the answers.
+        """
+        if logits.shape[1] != labels.shape[1]:
+            raise ValueError("the score loss needs the logits of every position (logits_to_keep=0)")
+        rows, positions, token = self._yes_no_answers(labels)
+        if not len(rows):
             return logits[:, :1, :1].sum() * 0.0  # keeps the graph whole for every rank
-        evidence = None if residual_logits is None else residual_logits[usable]
-        pair = self._yes_no_logits(logits[rows[usable], first[usable] - 1], evidence)
-        return torch.nn.functional.cross_entropy(pair, (token[usable] == no).long())
+        yes, no = self.yes_no_token_ids
+        pair = logits[rows, positions][:, [yes, no]].float()
+        return torch.nn.functional.cross_entropy(pair, (token == no).long())
+
+    def _add_evidence_at_the_answer(self, logits: torch.Tensor, labels: torch.Tensor | None,
+                                    input_ids: torch.Tensor, residual_logits: torch.Tensor) -> None:
+        """Add the image evidence r where the detection question is answered, in place: r / 2 to the
+        defect answer's logit and -r / 2 to the other's (their margin moves by r, and strong evidence
+        either way picks that answer). With labels, at the position predicting each answer that
+        starts with Yes or No; without (scoring, generation), at the last position of the prompts
+        that end with the model's detection question. So the score, the score loss and the generated
+        Yes/No agree."""
+        yes, no = self.yes_no_token_ids
+        defect, other = (yes, no) if self.iadgpt.detection_question.defect_answer == "Yes" else (no, yes)
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                return
+            rows, positions, _ = self._yes_no_answers(labels)
+        else:
+            rows = self._asks_the_detection_question(input_ids).nonzero().flatten()
+            positions = torch.full_like(rows, logits.shape[1] - 1)
+        if len(rows):
+            half = residual_logits[rows].to(logits.dtype) / 2
+            for column, sign in ((defect, 1), (other, -1)):
+                logits.index_put_((rows, positions, torch.full_like(rows, column)), sign * half, accumulate=True)
+
+    def _asks_the_detection_question(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[B]` whether each (left-padded) prompt ends with the detection question and the answer's start."""
+        end = self.detection_prompt_end_ids
+        if end is None:
+            raise RuntimeError("Call model.configure_words(tokenizer) (or load with iadgpt.load_model) first.")
+        if input_ids.shape[1] < len(end):
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return (input_ids[:, -len(end):] == torch.tensor(end, device=input_ids.device)).all(1)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -490,13 +519,15 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         slice_ = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, slice_, :])
 
+        if residual_logits is not None:
+            self._add_evidence_at_the_answer(logits, lab, input_ids, residual_logits)
         lm_loss = None
         if lab is not None:
             lm_loss = self.loss_function(logits=logits, labels=lab, vocab_size=cfg.text_config.vocab_size, **kwargs)
         result = IADGPTOutput(logits=logits, past_key_values=outputs.past_key_values, lm_loss=lm_loss,
                               loss=lm_loss, kept_tokens=kept_tokens, residual_logits=residual_logits)
         if lab is not None and self.iadgpt.score_loss_weight > 0:
-            result.score_loss = self.answer_score_loss(logits, lab, residual_logits)
+            result.score_loss = self.answer_score_loss(logits, lab)
             result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
         if want_maps:
             self._attach_maps(result, request, query_grid, pixel_masks, map_evidence)

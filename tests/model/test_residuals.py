@@ -8,6 +8,7 @@ import torch
 from iadgpt.model import (ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY, detection_inputs, few_shot_messages, load_model,
                           load_processor)
 from iadgpt.model.modeling_iadgpt import image_spans
+from iadgpt.model.settings import DetectionQuestion
 from iadgpt.model.residuals import ResidualEvidence, nearest_exemplar_tokens, patches_per_token, residual_features
 
 RESIDUALS = {"in_context_residuals": True, "compress_exemplars": False}
@@ -227,31 +228,31 @@ def query_distances(model, inputs, exemplar_images: list[int], query_image: int)
 def test_residual_evidence_is_added_to_the_image_score_and_the_map_in_logit_space(tiny_checkpoint, tiny_processor,
                                                                                   random_image):
     """Hand-computed reference: image score sigmoid(l_yes - l_no + r) with r = GAIN (max/mean of the
-    query's distances . w + b); map, per vision patch, sigmoid(logit(p) + GAIN ((d_patch, d_token,
-    d_patch_mean) . v + c)), p the token map without evidence; the language model itself is
-    untouched; a sample without exemplars gets no evidence."""
+    query's distances . w + b), split over the Yes / No logits at the answer position only; map, per vision
+    patch, sigmoid(logit(p) + GAIN ((d_patch, d_token, d_patch_mean) . v + c)), p the token map
+    without evidence; a sample without exemplars gets no evidence."""
     model = evidence_model(tiny_checkpoint)
     without = residual_model(tiny_checkpoint)  # the same residual weights, no evidence
     evidence = model.residual_evidence
     for exemplars in ([random_image(), random_image(84)], []):
         inputs = detection_inputs(tiny_processor, [exemplars], [random_image(112, 168)])
         with torch.no_grad():
-            out = model(**inputs, pixel_maps=True, logits_to_keep=1)
-            reference = without(**inputs, pixel_maps=True, logits_to_keep=1)
-        torch.testing.assert_close(out.logits, reference.logits)
+            out = model(**inputs, pixel_maps=True, logits_to_keep=2)
+            reference = without(**inputs, pixel_maps=True, logits_to_keep=2)
         yes, no = model.yes_no_token_ids
-        margin = out.logits[0, -1, yes] - out.logits[0, -1, no]
+        margin = reference.logits[0, -1, yes] - reference.logits[0, -1, no]
         if not exemplars:
             assert out.residual_logits is None
-            torch.testing.assert_close(model.image_anomaly_score(out.logits[:, -1], out.residual_logits),
-                                       torch.sigmoid(margin)[None])
+            torch.testing.assert_close(out.logits, reference.logits)
             torch.testing.assert_close(out.pixel_scores[0], reference.pixel_scores[0])
             continue
+        changed = (out.logits - reference.logits).abs() > 1e-4
+        assert changed.sum() == 2 and changed[0, -1, yes] and changed[0, -1, no]
         distances, patch_distances = query_distances(model, inputs, [0, 1], 2)
         pooled = torch.cat([distances.max(0).values, distances.mean(0)])
         r_image = ResidualEvidence.GAIN * (pooled @ evidence.image_weight + evidence.image_bias)
         torch.testing.assert_close(out.residual_logits, r_image.detach(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.image_anomaly_score(out.logits[:, -1], out.residual_logits),
+        torch.testing.assert_close(model.image_anomaly_score(out.logits[:, -1]),
                                    torch.sigmoid(margin + r_image).detach(), atol=1e-6, rtol=1e-5)
         p = reference.pixel_scores[0]
         h, w = p.shape
@@ -277,8 +278,7 @@ def test_residual_evidence_starts_at_zero_and_learns_from_the_score_and_pixel_lo
     plain = load_model(tiny_checkpoint, iadgpt=RESIDUALS).eval()
     with torch.no_grad():
         a, b = fresh(**inputs, pixel_maps=True), plain(**inputs, pixel_maps=True)
-    torch.testing.assert_close(fresh.image_anomaly_score(a.logits[:, -1], a.residual_logits),
-                               plain.image_anomaly_score(b.logits[:, -1]))
+    torch.testing.assert_close(fresh.image_anomaly_score(a.logits[:, -1]), plain.image_anomaly_score(b.logits[:, -1]))
     # The map gets the vision patches' grid, each patch its token's value until evidence is learned.
     fine = b.pixel_scores[0].repeat_interleave(2, 0).repeat_interleave(2, 1)
     torch.testing.assert_close(a.pixel_scores[0], fine, atol=1e-6, rtol=0)
@@ -299,9 +299,12 @@ def test_residual_evidence_starts_at_zero_and_learns_from_the_score_and_pixel_lo
     mask = torch.zeros(112, 112)
     mask[30:60, 40:80] = 1
     out = model(**batch, labels=labels, pixel_masks=[mask])
+    reference = residual_model(tiny_checkpoint).train()(**batch, labels=labels)
     yes, no = model.yes_no_token_ids
-    pair = out.logits[0, start - 1, [yes, no]].float() + torch.stack([out.residual_logits[0], torch.tensor(0.0)])
+    pair = reference.logits[0, start - 1, [yes, no]].float() + torch.stack([out.residual_logits[0], torch.tensor(0.0)])
     torch.testing.assert_close(out.score_loss, -pair.log_softmax(-1)[0])
+    changed = (out.logits - reference.logits).abs() > 1e-4  # the evidence sits on the answer's Yes / No only
+    assert changed.sum() == 2 and changed[0, start - 1, yes] and changed[0, start - 1, no]
     out.loss.backward()
     for name, weight in model.residual_evidence.named_parameters():
         assert weight.grad is not None and weight.grad.abs().sum() > 0, name
@@ -311,3 +314,24 @@ def test_residual_evidence_starts_at_zero_and_learns_from_the_score_and_pixel_lo
     reloaded = load_model(tmp_path / "saved")
     assert reloaded.iadgpt.residual_scores
     assert torch.equal(reloaded.residual_evidence.image_weight, model.residual_evidence.image_weight)
+
+
+def test_generation_answers_the_detection_question_with_the_evidence(tiny_checkpoint, tiny_processor, random_image):
+    """Strong evidence makes the generated answer to the detection question agree with the score
+    ("Yes" for a defect, "No" otherwise); another question is left to the language model."""
+    model = evidence_model(tiny_checkpoint).eval()
+    yes, no = model.yes_no_token_ids
+    inputs = detection_inputs(tiny_processor, [[random_image()], [random_image(), random_image()]],
+                              [random_image(), random_image()])
+    other = detection_inputs(tiny_processor, [[random_image()]], [random_image()],
+                             question=DetectionQuestion(text="Describe the query image."))
+    with torch.no_grad():
+        model.residual_evidence.image_weight.zero_()
+        plain_first = model.generate(**other, max_new_tokens=1, do_sample=False)[:, -1]
+        for bias, answer in ((1.0, yes), (-1.0, no)):  # GAIN x 1: +-100 logits
+            model.residual_evidence.image_bias.fill_(bias)
+            first = model.generate(**inputs, max_new_tokens=1, do_sample=False)[:, -1]
+            assert first.tolist() == [answer, answer]
+            scores = model.image_anomaly_score(model(**inputs, logits_to_keep=1).logits[:, -1])
+            assert scores.gt(0.99).all() if answer == yes else scores.lt(0.01).all()
+            assert torch.equal(model.generate(**other, max_new_tokens=1, do_sample=False)[:, -1], plain_first)
