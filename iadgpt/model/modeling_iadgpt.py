@@ -402,14 +402,14 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         roles = default_image_roles(counts) if image_roles is None else [int(r) for r in image_roles]
         if len(roles) != len(image_embeds):
             raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
-        distances: dict[int, torch.Tensor] = {}
+        distances: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per query image, see _add_in_context_residuals
         if self.iadgpt.in_context_residuals:
             image_embeds, distances = self._add_in_context_residuals(list(image_embeds), counts, roles, image_patches)
-        token_evidence: dict[int, torch.Tensor] = {}  # per query image, [n, unit] evidence of its patches
+        patch_evidence: dict[int, torch.Tensor] = {}  # per query image, [n, unit] evidence of its patches
         residual_logits = None
         if self.iadgpt.residual_scores and distances:
             per_patch, per_image = self.residual_evidence(*map(list, zip(*distances.values())))
-            token_evidence = dict(zip(distances, per_patch))
+            patch_evidence = dict(zip(distances, per_patch))
             image_evidence = dict(zip(distances, per_image))
             # A sample's evidence is that of its (last) query image.
             residual_logits = per_image.new_zeros(batch)
@@ -442,7 +442,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         query_mask = torch.zeros_like(keep)
         query_grid: list[tuple[int, int] | None] = []
         query_end = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-        map_evidence: list[torch.Tensor | None] = [None] * batch  # the query's token evidence, per sample
+        map_evidence: list[torch.Tensor | None] = [None] * batch  # the query's patch evidence, per sample
         merge = cfg.vision_config.spatial_merge_size
         image_index = 0
         for b, sample_spans in enumerate(spans):
@@ -471,7 +471,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 query_end[b] = end
                 _, h, w = image_grid_thw[g].tolist()
                 query_grid.append((h // merge, w // merge))
-                map_evidence[b] = token_evidence.get(g)
+                map_evidence[b] = patch_evidence.get(g)
 
         # 5. Word rows for the pixel maps: prompt words after the query image (they can attend to it).
         if want_maps:
@@ -531,15 +531,15 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
         if want_maps:
             self._attach_maps(result, request, query_grid, pixel_masks, map_evidence)
-        if token_evidence and result.loss is not None:
+        if patch_evidence and result.loss is not None:
             # Evidence a loss did not use (no map, or no score loss) still joins the graph: DDP and
             # ZeRO expect every parameter of a forward to get a gradient.
-            result.loss = result.loss + 0.0 * (residual_logits.sum() + sum(t.sum() for t in token_evidence.values()))
+            result.loss = result.loss + 0.0 * (residual_logits.sum() + sum(t.sum() for t in patch_evidence.values()))
         return self._with_unused_residual(result, bool(distances))
 
     def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
                                   roles: list[int], image_patches: list[torch.Tensor] | None
-                                  ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+                                  ) -> tuple[list[torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Each query image's tokens plus their residual embeddings against all exemplar tokens and
         patches of its sample (`iadgpt.model.residuals`); samples without exemplars are left as they
         are. Also returns, by image index, the `[n, 3]` distances and `[n, unit]` patch distances of

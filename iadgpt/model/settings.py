@@ -50,11 +50,13 @@ class IADGPTSettings:
     trained); samples without exemplars are left alone."""
     residual_scores: bool = False
     """Beyond the paper (InCTRL adds its residual score to its holistic score): also add the
-    residual distances straight to the anomaly scores as learned evidence, in logit space. Image
-    score: sigmoid(defect-answer logit - other logit + r), r linear in the query tokens' largest and
-    mean distances; pixel map: sigmoid(logit(attention map) + r_token), r_token linear in the token's
-    distances (`iadgpt.model.residuals.ResidualEvidence`). Needs `in_context_residuals`; learned by
-    the score loss (image) and the focal + Dice loss (map); starts at zero (scores unchanged)."""
+    residual distances straight to the anomaly scores as learned evidence, in logit space. Image:
+    r, linear in the query tokens' largest and mean distances, moves the Yes/No margin by r where
+    the detection question is answered (so the score, the score loss and the generated answer use
+    it); pixel map: per vision patch, sigmoid(logit(attention map) + r_patch), r_patch linear in the
+    patch's and its token's distances (`iadgpt.model.residuals.ResidualEvidence`). Needs
+    `in_context_residuals`; learned by the score / language-model loss (image) and the focal + Dice
+    loss (map); starts at zero (scores unchanged)."""
     attention_map_layers: list[int] | None = None
     """LLM layers whose attention gives the pixel map. None: four evenly spaced layers ending at
     the last (paper: 7, 14, 21, 28 of 28)."""
