@@ -406,19 +406,13 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if self.iadgpt.in_context_residuals:
             image_embeds, distances = self._add_in_context_residuals(list(image_embeds), counts, roles, image_patches)
         patch_evidence: dict[int, torch.Tensor] = {}  # per query image, [n, unit] evidence of its patches
+        image_evidence: dict[int, torch.Tensor] = {}  # per query image, its image evidence
         residual_logits = None
         if self.iadgpt.residual_scores and distances:
             per_patch, per_image = self.residual_evidence(*map(list, zip(*distances.values())))
             patch_evidence = dict(zip(distances, per_patch))
             image_evidence = dict(zip(distances, per_image))
-            # A sample's evidence is that of its (last) query image.
-            residual_logits = per_image.new_zeros(batch)
-            first = 0
-            for b, count in enumerate(counts):
-                queries = [g for g in range(first, first + count) if g in image_evidence]
-                if queries:
-                    residual_logits[b] = image_evidence[queries[-1]]
-                first += count
+            residual_logits = per_image.new_zeros(batch)  # per sample: filled in below
 
         # 2. Embed the text and scatter the images into it, exactly as Qwen2.5-VL does.
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
@@ -451,6 +445,9 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             image_index += len(sample_spans)
             exemplars = [(g, s) for g, s, r in zip(globals_, sample_spans, sample_roles) if r == ROLE_EXEMPLAR]
             queries = [(g, s) for g, s, r in zip(globals_, sample_spans, sample_roles) if r == ROLE_QUERY]
+            scored = [g for g, _ in queries if g in image_evidence]
+            if scored:  # a sample's evidence is that of its (last) query image
+                residual_logits[b] = image_evidence[scored[-1]]
             if compress and exemplars:
                 kept = compress_exemplar_tokens([image_embeds[g] for g, _ in exemplars], self.iadgpt.exemplar_retention)
                 for (_, (start, end)), mask in zip(exemplars, kept):

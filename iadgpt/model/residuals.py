@@ -145,8 +145,8 @@ class ResidualEvidence(nn.Module):
         features = len(DISTANCE_FEATURES)
         self.image_weight = nn.Parameter(torch.zeros(2 * features))
         self.image_bias = nn.Parameter(torch.zeros(1))
-        self.token_weight = nn.Parameter(torch.zeros(features))
-        self.token_bias = nn.Parameter(torch.zeros(1))
+        self.patch_weight = nn.Parameter(torch.zeros(features))
+        self.patch_bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, distances: list[torch.Tensor], patch_distances: list[torch.Tensor]
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -154,7 +154,7 @@ class ResidualEvidence(nn.Module):
         -> (per image `[n_i, unit]` patch evidence, `[images]` image evidence)."""
         flat, patches = torch.cat(distances), torch.cat(patch_distances)
         features = torch.stack([patches, flat[:, None, 0].expand_as(patches), flat[:, None, 2].expand_as(patches)], -1)
-        per_patch = self.GAIN * (features.to(self.token_weight.dtype) @ self.token_weight + self.token_bias)
+        per_patch = self.GAIN * (features.to(self.patch_weight.dtype) @ self.patch_weight + self.patch_bias)
         pooled = torch.stack([torch.cat([d.amax(0), d.mean(0)]) for d in distances]).to(self.image_weight.dtype)
         images = self.GAIN * (pooled @ self.image_weight + self.image_bias)
         return list(per_patch.split([d.shape[0] for d in distances])), images

@@ -257,7 +257,7 @@ def test_residual_evidence_is_added_to_the_image_score_and_the_map_in_logit_spac
         p = reference.pixel_scores[0]
         h, w = p.shape
         expected = torch.empty(2 * h, 2 * w)
-        v, c = evidence.token_weight.detach(), evidence.token_bias.detach()
+        v, c = evidence.patch_weight.detach(), evidence.patch_bias.detach()
         for t in range(h * w):
             for unit in range(4):  # the merger folds patches (2i + a, 2j + b) into token (i, j), a-major
                 i, j, a, b = t // w, t % w, unit // 2, unit % 2
