@@ -6,8 +6,9 @@ Which parts of IADGPT matter, measured on the quickstart's own held-out categori
   total training minutes as the quickstart run, spread over its remaining stages):
   without stage 1, without stage 2, without multi-layer vision fusion (the last vision block
   only), with the attention map from the last LLM layer only, without the pixel loss, without
-  the in-context residuals (`iadgpt.model.residuals`, beyond the paper), and with the residuals
-  given to the language model only (not added to the scores: setting `residual_scores`);
+  the in-context residuals (`iadgpt.model.residuals`, beyond the paper), with the residuals
+  given to the language model only (not added to the scores: setting `residual_scores`), and
+  without the half-patch-shifted exemplars in the residuals' patch bank (`exemplar_shifts`);
 * exemplar retention 100 / 40 / 20 / 10 / 5 %: the quickstart's model evaluated with that share of
   each non-reference exemplar's visual tokens kept (inference only; it was trained at 20 %).
 
@@ -32,10 +33,12 @@ TRAINED_VARIANTS: dict[str, tuple[str, dict]] = {
     "no_fusion": ("without multi-layer vision fusion", {"iadgpt": {"vision_fusion_layers": []}}),
     "last_layer_map": ("attention map from the last LLM layer only", {"iadgpt": {"attention_map_layers": "last"}}),
     "no_pixel_loss": ("without the focal + Dice pixel loss", {"iadgpt": {"pixel_loss_weight": 0.0}}),
-    "no_residuals": ("without the in-context residuals (and their evidence in the scores)",
-                     {"iadgpt": {"in_context_residuals": False, "residual_scores": False}}),
+    "no_residuals": ("without the in-context residuals (and their evidence and shifted exemplars)",
+                     {"iadgpt": {"in_context_residuals": False, "residual_scores": False, "exemplar_shifts": 0}}),
     "no_residual_scores": ("residuals for the language model only, not in the scores",
                            {"iadgpt": {"residual_scores": False}}),
+    "no_exemplar_shifts": ("without the half-patch-shifted exemplars in the patch bank",
+                           {"iadgpt": {"exemplar_shifts": 0}}),
 }
 RETENTIONS = (1.0, 0.4, 0.2, 0.1, 0.05)
 ABLATION_SHOTS = (2,)

@@ -21,8 +21,10 @@ command skips what is done (an interrupted training stage resumes from its last 
 The budget (`--minutes`) is kept by shortening training, never by overrunning: data phases are
 measured as they run, evaluation is estimated from timed forward passes of the untrained model, and
 what is left is split over the training stages (stage_shares). Each stage first times a few
-batches, so its step count fits its minutes and the cosine schedule completes; `max_minutes` is
-the hard stop. A budget that leaves too little training time is refused before any work starts.
+batches for a first step count, then re-fits the count to its minutes from the pace it measures
+as it trains (`fit_steps_to_minutes`), so the cosine schedule completes even when the probe ran on a
+busy machine; `max_minutes` is the hard stop. A budget that leaves too little training time is
+refused before any work starts.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ class QuickstartSettings:
     batch_size: int = 8
     """Samples per optimizer step."""
     iadgpt: dict = field(default_factory=lambda: {"in_context_residuals": True, "residual_scores": True,
-                                                 "score_loss_weight": 1.0})
+                                                 "exemplar_shifts": 3, "score_loss_weight": 1.0})
     """IADGPT setting overrides for every stage. Default: the in-context residuals and their evidence
     in the scores (beyond the paper) with the Yes/No score loss; over two seeds k = 2 AUROC went from
     41 / 54 / 69 % (in-context / local / pixel; the paper's model) to 87 / 73 / 79 % with the
@@ -678,6 +680,8 @@ class Quickstart:
             "per_device_batch_size": s.batch_size,
             "max_steps": max_steps,
             "max_minutes": None if max_minutes is None else round(max_minutes, 3),
+            # the probe's pace is a first estimate: the stage re-fits its steps to the minutes as it runs
+            "fit_steps_to_minutes": max_minutes is not None,
             # A random model learns to see in stages 1-3 alike: nothing is frozen (the paper freezes
             # the pretrained vision encoder in stage 3 only because it already sees).
             "freeze_vision": False,

@@ -23,7 +23,15 @@ from .attention_maps import AttentionMapRecorder, AttentionMapRequest, padded_po
 from .compression import compress_exemplar_tokens
 from .fusion import VisualLayerFusion
 from .losses import dice_loss, focal_loss
-from .residuals import InContextResidual, ResidualEvidence, patches_per_token, residual_features
+from .residuals import (
+    EXEMPLAR_SHIFTS,
+    InContextResidual,
+    ResidualEvidence,
+    patches_per_token,
+    pixels_per_image,
+    residual_features,
+    shifted_image_pixels,
+)
 from .settings import IADGPTSettings
 
 # Roles of the images of one sample (argument `image_roles`, one entry per image in the batch).
@@ -178,7 +186,34 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         if grid_thw is not None and getattr(output, "last_hidden_state", None) is not None:
             output.patches_per_token = patches_per_token(output.last_hidden_state, grid_thw, self.config.vision_config)
+            if self.iadgpt.exemplar_shifts:  # the exemplars' pixels, to encode them shifted (exemplar_shifts)
+                pixel_values = kwargs.get("hidden_states", args[0] if args else None)
+                output.pixels_per_image = list(zip(pixels_per_image(pixel_values, grid_thw), grid_thw))
         return output
+
+    @torch.no_grad()
+    def shifted_exemplar_patches(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per exemplar image (its `pixel_values` rows and `[3]` grid), the `[shifts * n, unit, C]`
+        vision patches of its half-patch-shifted copies (`exemplar_shifts`), in one vision-tower call.
+
+        In training every forward makes this call (on a tiny blank image when the batch has no
+        exemplar), so every rank runs the vision tower equally often (ZeRO-3 gathers collectively).
+        """
+        visual = self.model.visual
+        shifts = EXEMPLAR_SHIFTS[self.iadgpt.exemplar_shifts]
+        if not images:
+            if self.training:
+                merge = self.config.vision_config.spatial_merge_size
+                blank = torch.zeros(merge * merge, visual.patch_embed.proj.weight[0].numel(), device=visual.device,
+                                    dtype=visual.dtype)
+                visual(blank, grid_thw=torch.tensor([[1, merge, merge]], device=visual.device))
+            return []
+        pixel_values, grid_thw = shifted_image_pixels(torch.cat([p for p, _ in images]),
+                                                      torch.stack([g for _, g in images]),
+                                                      self.config.vision_config, shifts)
+        encoded = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
+        per_copy = encoded.patches_per_token
+        return [torch.cat(per_copy[i * len(shifts):(i + 1) * len(shifts)]) for i in range(len(images))]
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -351,6 +386,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 result.score_loss = self.answer_score_loss(result.logits, labels)
                 result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
             result = self._with_unused_residual(result, used=False)
+            if self.iadgpt.exemplar_shifts and not cached:
+                self.shifted_exemplar_patches([])  # as a batch with exemplars would (ZeRO-3)
             return self._with_dummy_image(result, dummy_pixel_values, dummy_image_grid_thw)
         if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
             raise ValueError("Exemplar compression, in-context residuals and pixel maps work on images; videos are "
@@ -360,7 +397,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             encoded_images = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         return self._inspect_forward(
             input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, encoded_images.pooler_output,
-            getattr(encoded_images, "patches_per_token", None), image_grid_thw, mm_token_type_ids, logits_to_keep,
+            getattr(encoded_images, "patches_per_token", None), getattr(encoded_images, "pixels_per_image", None),
+            image_grid_thw, mm_token_type_ids, logits_to_keep,
             image_roles, compress, compress_exemplars is True, map_samples if want_maps else None, pixel_masks,
             anomaly_word_mask, normal_word_mask, **kwargs)
 
@@ -386,7 +424,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return output
 
     def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
-                         image_embeds, image_patches, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles,
+                         image_embeds, image_patches, image_pixels, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles,
                          compress, strict_compression, map_samples, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs):
         cfg = self.config
         want_maps = map_samples is not None
@@ -404,7 +442,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
         distances: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per query image, see _add_in_context_residuals
         if self.iadgpt.in_context_residuals:
-            image_embeds, distances = self._add_in_context_residuals(list(image_embeds), counts, roles, image_patches)
+            image_embeds, distances = self._add_in_context_residuals(list(image_embeds), counts, roles, image_patches,
+                                                                     image_pixels)
         patch_evidence: dict[int, torch.Tensor] = {}  # per query image, [n, unit] evidence of its patches
         image_evidence: dict[int, torch.Tensor] = {}  # per query image, its image evidence
         residual_logits = None
@@ -535,16 +574,26 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return self._with_unused_residual(result, bool(distances))
 
     def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
-                                  roles: list[int], image_patches: list[torch.Tensor] | None
+                                  roles: list[int], image_patches: list[torch.Tensor] | None,
+                                  image_pixels: list[tuple[torch.Tensor, torch.Tensor]] | None = None
                                   ) -> tuple[list[torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Each query image's tokens plus their residual embeddings against all exemplar tokens and
-        patches of its sample (`iadgpt.model.residuals`); samples without exemplars are left as they
-        are. Also returns, by image index, the `[n, 3]` distances and `[n, unit]` patch distances of
-        each query image that had exemplars."""
+        patches of its sample (`iadgpt.model.residuals`; with `exemplar_shifts`, the patch bank also
+        holds the exemplars' shifted patches); samples without exemplars are left as they are. Also
+        returns, by image index, the `[n, 3]` distances and `[n, unit]` patch distances of each query
+        image that had exemplars."""
         starts = [sum(counts[:i]) for i in range(len(counts))]
         samples = [range(start, start + count) for start, count in zip(starts, counts)]
-        if not any(any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m)
-                   for m in samples):
+        used = [m for m in samples if any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m)]
+        shifted: dict[int, torch.Tensor] = {}
+        if self.iadgpt.exemplar_shifts:
+            exemplars = [g for m in used for g in m if roles[g] == ROLE_EXEMPLAR]
+            if exemplars and (image_pixels is None or len(image_pixels) != len(image_embeds)):
+                raise ValueError("exemplar_shifts needs the exemplars' pixels, which this model's image encoder adds "
+                                 "to its output (`pixels_per_image`): pass pixel_values, or mm_encoder_outputs "
+                                 "straight from model.get_image_features(..., return_dict=True) of these images.")
+            shifted = dict(zip(exemplars, self.shifted_exemplar_patches([image_pixels[g] for g in exemplars])))
+        if not used:
             return image_embeds, {}
         patches = image_patches
         if patches is None or len(patches) != len(image_embeds):
@@ -558,7 +607,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             if not exemplars:
                 continue
             bank = torch.cat([image_embeds[g] for g in exemplars])
-            patch_bank = torch.cat([patches[g] for g in exemplars])
+            patch_bank = torch.cat([patches[g] for g in exemplars] + [shifted[g] for g in exemplars if g in shifted])
             for g in members:
                 if roles[g] == ROLE_QUERY:
                     residual, distance, patch_distance = residual_features(image_embeds[g], bank, patches[g],

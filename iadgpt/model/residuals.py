@@ -99,6 +99,53 @@ def residual_features(query_tokens: torch.Tensor, exemplar_tokens: torch.Tensor,
     return query_tokens - nearest, distances, patch_distance
 
 
+EXEMPLAR_SHIFTS = {
+    3: ((0, 1), (1, 0), (1, 1)),
+    8: ((0, 1), (1, 0), (1, 1), (0, -1), (-1, 0), (-1, -1), (1, -1), (-1, 1)),
+}
+"""Half-patch shifts (rows, columns) of the exemplars whose patches join the bank (`exemplar_shifts`)."""
+
+
+def shifted_image_pixels(pixel_values: torch.Tensor, grid_thw: torch.Tensor, vision_config,
+                         shifts: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of images moved by half a vision patch, as the vision tower's input.
+
+    Why: a vision patch and the exemplar patch that shows the same part of the product only line up
+    when the product sits at the same offset modulo the patch size; otherwise every patch straddles
+    two of its nearest exemplar patches and looks a little anomalous. PatchCore-style matchers
+    avoid this with overlapping windows; here the exemplars are also encoded moved by half a patch
+    (edge pixels repeated), so the bank holds patches on a half-patch lattice.
+
+    Args:
+        pixel_values: `[patches, C * T * P * P]` the images' flattened patches as Qwen2.5-VL's image
+            processor lays them out (per image: grid t, rows / m, columns / m, m, m, then C, T, P, P).
+        grid_thw: `[images, 3]`; shifts: per copy (rows, columns) in half patches.
+
+    Returns:
+        (`pixel_values` of every image's shifted copies, image by image and shift by shift, and
+        their `grid_thw`).
+    """
+    patch, merge, temporal = vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size
+    half = patch // 2
+    copies, grids = [], []
+    for pixels, (t, h, w) in zip(pixels_per_image(pixel_values, grid_thw), grid_thw.tolist()):
+        image = (pixels.view(t, h // merge, w // merge, merge, merge, -1, temporal, patch, patch)
+                 .permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * temporal, -1, h * patch, w * patch))
+        padded = F.pad(image, (half, half, half, half), mode="replicate")
+        for rows, cols in shifts:
+            top, left = half - rows * half, half - cols * half
+            moved = padded[:, :, top:top + h * patch, left:left + w * patch]
+            copies.append(moved.reshape(t, temporal, -1, h // merge, merge, patch, w // merge, merge, patch)
+                          .permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * h * w, -1))
+            grids.append((t, h, w))
+    return torch.cat(copies), torch.tensor(grids, dtype=grid_thw.dtype, device=grid_thw.device)
+
+
+def pixels_per_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of `pixel_values` that belong to each image."""
+    return list(torch.split(pixel_values, grid_thw.prod(-1).tolist()))
+
+
 class InContextResidual(nn.Module):
     """The learned embedding `W_r residual + distances @ E` added to query tokens.
 

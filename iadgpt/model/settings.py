@@ -57,6 +57,14 @@ class IADGPTSettings:
     patch's and its token's distances (`iadgpt.model.residuals.ResidualEvidence`). Needs
     `in_context_residuals`; learned by the score / language-model loss (image) and the focal + Dice
     loss (map); starts at zero (scores unchanged)."""
+    exemplar_shifts: int = 0
+    """Beyond the paper (PatchCore's overlapping patches, for a ViT's fixed patch grid): with
+    `in_context_residuals`, the normal exemplars are also encoded moved by half a vision patch (3:
+    right, down and diagonally; 8: in all eight directions; 0: off), and those patches join the bank
+    that each query patch's nearest-exemplar distance is taken over, so a product that sits at
+    another offset modulo the patch size does not look anomalous at every patch. The copies are
+    encoded without gradients and never enter the prompt: they cost vision-tower forward passes only
+    (`iadgpt.model.residuals.shifted_image_pixels`)."""
     attention_map_layers: list[int] | None = None
     """LLM layers whose attention gives the pixel map. None: four evenly spaced layers ending at
     the last (paper: 7, 14, 21, 28 of 28)."""
@@ -97,6 +105,11 @@ class IADGPTSettings:
         if self.residual_scores and not self.in_context_residuals:
             raise ValueError("residual_scores=True adds the in-context residual distances to the scores: it needs "
                              "in_context_residuals=True.")
+        if self.exemplar_shifts not in (0, 3, 8):
+            raise ValueError(f"exemplar_shifts={self.exemplar_shifts}: allowed are 0 (off), 3 and 8 half-patch shifts.")
+        if self.exemplar_shifts and not self.in_context_residuals:
+            raise ValueError("exemplar_shifts adds shifted exemplar patches to the in-context residuals' bank: it "
+                             "needs in_context_residuals=True.")
         if not self.anomaly_words:
             raise ValueError("anomaly_words is empty: the pixel map needs at least one anomaly word.")
 

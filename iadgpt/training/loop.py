@@ -17,6 +17,7 @@ from .collator import RecordCollator
 from .config import TrainConfig
 from .trainer import (
     MetricsLog,
+    StepBudget,
     StepMeter,
     build_accelerator,
     build_dataloader,
@@ -44,12 +45,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> None:
     loader = build_dataloader(cfg, dataset, collator)
     # len(loader) counts the batches of all processes: after prepare() each process gets its share.
     steps_per_epoch = math.ceil(len(loader) / (accelerator.num_processes * accelerator.gradient_accumulation_steps))
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    optimizer, scheduler = build_optimizer(cfg, model, total_steps, accelerator.num_processes)
+    budget = StepBudget(cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch), cfg.max_minutes,
+                        cfg.fit_steps_to_minutes)
+    optimizer, scheduler = build_optimizer(cfg, model, budget, accelerator.num_processes)
     if main_process:
-        print(f"Stage {cfg.stage}: {len(dataset)} records, {total_steps} optimizer steps of {cfg.global_batch_size} "
-              f"samples ({accelerator.num_processes} processes x {cfg.per_device_batch_size} x "
-              f"{accelerator.gradient_accumulation_steps} accumulation)")
+        print(f"Stage {cfg.stage}: {len(dataset)} records, {budget.total_steps} optimizer steps of "
+              f"{cfg.global_batch_size} samples ({accelerator.num_processes} processes x {cfg.per_device_batch_size} x "
+              f"{accelerator.gradient_accumulation_steps} accumulation)"
+              + (f", re-fitted to {cfg.max_minutes} min as they run" if budget.fit else ""))
         settings = accelerator.unwrap_model(model)
         settings = getattr(settings, "iadgpt", None) or settings.base_model.model.iadgpt
         zero = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None
@@ -66,16 +69,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> None:
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
     if resume:
         state = load_latest_checkpoint(accelerator, cfg) or state
+        budget.total_steps = state.get("total_steps", budget.total_steps)  # as re-planned before the stop
         if main_process:
             print(f"Resuming at step {state['step']} (epoch {state['epoch']}, batch {state['batches_in_epoch']})")
     metrics = MetricsLog(accelerator, cfg.output_dir, resume=resume)
 
     # 3. The loop.
     meter = StepMeter(accelerator)
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not main_process, desc=f"stage {cfg.stage}")
+    progress = tqdm(total=budget.total_steps, initial=state["step"], disable=not main_process, desc=f"stage {cfg.stage}")
     started = time.monotonic()
     model.train()
-    while state["step"] < total_steps:
+    while state["step"] < budget.total_steps:
         loader.set_epoch(state["epoch"])  # the shuffled order is a function of (seed, epoch)
         batches = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
         for batch in batches:
@@ -95,13 +99,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> None:
             meter.reset()
             if state["step"] % cfg.log_every == 0:
                 metrics.log(state["step"], values)
+            if budget.seconds is not None:
+                # every process decides from the slowest clock, so all stop at the same step
+                elapsed = accelerator.gather(torch.tensor([time.monotonic() - started], device=accelerator.device))
+                budget.update(state["step"], float(elapsed.max()))
+                state["total_steps"] = progress.total = budget.total_steps
             progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{values['samples_per_s']:.1f}")
             progress.update(1)
-            out_of_time = cfg.max_minutes is not None and time.monotonic() - started > 60 * cfg.max_minutes
-            if state["step"] % cfg.save_every == 0 or state["step"] == total_steps or out_of_time:
+            if state["step"] % cfg.save_every == 0 or state["step"] == budget.total_steps or budget.out_of_time:
                 save_checkpoint(accelerator, cfg, state)
             fault_injection(state["step"])
-            if state["step"] >= total_steps or out_of_time:
+            if state["step"] >= budget.total_steps or budget.out_of_time:
                 break
         else:
             state["epoch"] += 1

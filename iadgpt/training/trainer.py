@@ -204,16 +204,65 @@ def add_lora(model, cfg: TrainConfig):
     return peft_model
 
 
-def build_optimizer(cfg: TrainConfig, model, total_steps: int, num_processes: int):
-    from transformers import get_cosine_schedule_with_warmup
-
+def build_optimizer(cfg: TrainConfig, model, budget: "StepBudget", num_processes: int):
+    """AdamW and a warm-up + cosine learning-rate schedule laid out over `budget.total_steps`, which
+    the schedule re-reads at every step (a time budget may re-plan it, `StepBudget`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     # accelerate steps a prepared scheduler once per process at every optimizer step, so the
     # schedule is laid out over steps x processes to keep the same shape on any number of GPUs.
-    ticks = total_steps * num_processes
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * ticks), ticks)
-    return optimizer, scheduler
+    warmup_ticks = math.ceil(cfg.warmup_ratio * budget.total_steps * num_processes)
+
+    def warmup_then_cosine(tick: int) -> float:
+        # transformers' get_cosine_schedule_with_warmup, with a horizon that can move
+        ticks = budget.total_steps * num_processes
+        if tick < warmup_ticks:
+            return tick / max(1, warmup_ticks)
+        progress = min(1.0, (tick - warmup_ticks) / max(1, ticks - warmup_ticks))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine)
+
+
+class StepBudget:
+    """How many optimizer steps the run takes, and whether its wall-time budget is spent.
+
+    Without `max_minutes` the count is fixed. With it the run stops (and saves) once the time is
+    up; with `fit_steps_to_minutes` as well, the count is re-planned from the measured pace when
+    10 %, 30 % and 60 % of the time have passed, so the learning-rate schedule ends with the time
+    even when the planned pace was wrong (a step-time probe on a busy machine, a slower node).
+    Every process decides from the slowest process's clock, so all stop at the same step.
+    """
+
+    REPLAN_AT = (0.1, 0.3, 0.6)
+
+    def __init__(self, total_steps: int, max_minutes: float | None = None, fit_steps_to_minutes: bool = False):
+        if fit_steps_to_minutes and max_minutes is None:
+            raise TrainingSetupError("fit_steps_to_minutes needs max_minutes: a time budget to fit the steps to.")
+        self.total_steps = total_steps
+        self.seconds = None if max_minutes is None else 60.0 * max_minutes
+        self.fit = fit_steps_to_minutes
+        self.replans_done = 0
+        self.out_of_time = False
+        self._paced_from: tuple[int, float] | None = None  # (step, elapsed) after the first step
+
+    def update(self, step: int, elapsed: float) -> None:
+        """After optimizer step `step`, `elapsed` seconds into the run (the same on every process)."""
+        if self.seconds is None:
+            return
+        self.out_of_time = elapsed > self.seconds
+        if self._paced_from is None:
+            self._paced_from = (step, elapsed)  # the first step pays for warm-up: not paced
+            return
+        if self.fit and self.replans_done < len(self.REPLAN_AT) and elapsed >= self.REPLAN_AT[self.replans_done] * self.seconds:
+            self.replans_done += 1
+            self.total_steps = self.fitted_total(step, elapsed)
+
+    def fitted_total(self, step: int, elapsed: float) -> int:
+        """The step count that ends the run at its time budget at the pace measured since the first step."""
+        first_step, first_elapsed = self._paced_from
+        pace = (elapsed - first_elapsed) / max(1, step - first_step)  # seconds per optimizer step
+        return step + max(1, int((self.seconds - elapsed) / max(pace, 1e-9)))
 
 
 def weights_fingerprint(accelerator: Accelerator, model) -> list[float]:

@@ -335,3 +335,103 @@ def test_generation_answers_the_detection_question_with_the_evidence(tiny_checkp
             scores = model.image_anomaly_score(model(**inputs, logits_to_keep=1).logits[:, -1])
             assert scores.gt(0.99).all() if answer == yes else scores.lt(0.01).all()
             assert torch.equal(model.generate(**other, max_new_tokens=1, do_sample=False)[:, -1], plain_first)
+
+
+# -- shifted exemplars (exemplar_shifts) ------------------------------------------------------------
+
+def moved(image, rows: int, cols: int, by: int):
+    """The image's content moved by (rows, cols) x `by` pixels, edge pixels repeated."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.pad(np.asarray(image), ((by, by), (by, by), (0, 0)), mode="edge")
+    height, width = image.height, image.width
+    top, left = by - rows * by, by - cols * by
+    return Image.fromarray(pixels[top:top + height, left:left + width])
+
+
+def test_shifted_image_pixels_are_the_processed_moved_images(tiny_checkpoint, tiny_processor, random_image):
+    from iadgpt.model.residuals import EXEMPLAR_SHIFTS, shifted_image_pixels
+
+    vision = load_model(tiny_checkpoint).config.vision_config
+    images = [random_image(), random_image(84, 196)]  # multiples of 28: the processor does not resize them
+    processed = tiny_processor.image_processor(images=images, return_tensors="pt")
+    pixels, grids = shifted_image_pixels(processed["pixel_values"], processed["image_grid_thw"], vision,
+                                         EXEMPLAR_SHIFTS[8])
+    expected = tiny_processor.image_processor(
+        images=[moved(image, r, c, vision.patch_size // 2) for image in images for r, c in EXEMPLAR_SHIFTS[8]],
+        return_tensors="pt")
+    torch.testing.assert_close(pixels, expected["pixel_values"], atol=1e-6, rtol=0)
+    assert torch.equal(grids, expected["image_grid_thw"])
+
+
+def test_shifted_exemplar_patches_join_the_patch_bank(tiny_checkpoint, tiny_processor, random_image):
+    """Hand-computed reference: each query patch's distance is taken over the exemplars' patches and
+    those of the exemplars moved by half a patch (encoded as images of their own); tokens are still
+    matched against the unshifted exemplars only."""
+    from iadgpt.model.residuals import EXEMPLAR_SHIFTS
+
+    exemplars, query = [random_image(), random_image()], random_image()
+    inputs = detection_inputs(tiny_processor, [exemplars], [query])
+    model = residual_model(tiny_checkpoint, exemplar_shifts=3)
+    plain = load_model(tiny_checkpoint, iadgpt={"compress_exemplars": False}).eval()
+    seen, reference = language_model_inputs(model, inputs), language_model_inputs(plain, inputs)
+    half = model.config.vision_config.patch_size // 2
+    copies = [moved(image, r, c, half) for image in exemplars for r, c in EXEMPLAR_SHIFTS[3]]
+    everything = tiny_processor.image_processor(images=exemplars + [query] + copies, return_tensors="pt")
+    with torch.no_grad():
+        encoded = model.model.get_image_features(everything["pixel_values"], everything["image_grid_thw"],
+                                                 return_dict=True)
+    tokens, patches = encoded.pooler_output, encoded.patches_per_token
+    patch_bank = torch.cat([patches[0], patches[1]] + list(patches[3:])).flatten(0, 1)
+    bank = torch.cat([tokens[0], tokens[1]])
+    module = model.in_context_residual
+    expected = reference.clone()
+    start, _ = image_spans(inputs["input_ids"], model.config.image_token_id)[0][2]
+
+    def nearest(x, candidates):
+        cos = torch.nn.functional.cosine_similarity(x[None], candidates, dim=-1)
+        return candidates[int(cos.argmax())], 1 - cos.max()
+
+    for t, q in enumerate(tokens[2]):
+        e, d = nearest(q, bank)
+        patch_d = torch.stack([nearest(p, patch_bank)[1] for p in patches[2][t]])
+        features = torch.stack([d, patch_d.max(), patch_d.mean()])
+        expected[0, start + t] = q + module.residual_weight @ (q - e) + features @ module.distance_embedding
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=1e-5)
+    # the shifted bank is a superset: no patch can be farther from it
+    unshifted = residual_model(tiny_checkpoint)
+    assert not torch.allclose(seen, language_model_inputs(unshifted, inputs), atol=1e-4)
+    # generate() encodes the images first and passes the encoder output on: same prompt tokens
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+        torch.testing.assert_close(generated.logits[0], model(**inputs).logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_shifted_exemplars_cost_one_more_vision_call_per_training_forward_whatever_the_batch(
+        tiny_checkpoint, tiny_processor, random_image):
+    """ZeRO-3: every rank runs the vision tower equally often (twice: the prompt's images, then the
+    shifted exemplars or a blank stand-in), with exemplars, without, and with no image at all."""
+    model = load_model(tiny_checkpoint, iadgpt={**RESIDUALS, "exemplar_shifts": 3}).train()
+    calls = []
+    model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs.get("grid_thw", args[-1]).shape[0]), with_kwargs=True)
+    few_shot = detection_inputs(tiny_processor, [[random_image(), random_image()]], [random_image()])
+    zero_shot = detection_inputs(tiny_processor, [[]], [random_image()])
+    dummy = tiny_processor.image_processor(images=[random_image(28)], return_tensors="pt")
+    text = tiny_processor.tokenizer(["a product without a picture"], return_tensors="pt")
+    text_only = {**text, "dummy_pixel_values": dummy["pixel_values"], "dummy_image_grid_thw": dummy["image_grid_thw"]}
+    for inputs, images in ((few_shot, [3, 6]), (zero_shot, [1, 1]), (text_only, [1, 1])):
+        calls.clear()
+        model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)).loss.backward()
+        assert calls == images  # images per vision call
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"exemplar_shifts": 3}, "needs in_context_residuals=True"),
+    ({"in_context_residuals": True, "exemplar_shifts": 4}, "allowed are 0 \\(off\\), 3 and 8"),
+])
+def test_exemplar_shifts_settings_are_checked(tiny_checkpoint, settings, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(tiny_checkpoint, iadgpt=settings)
