@@ -6,9 +6,11 @@ model's vision tower, and scores each query by the largest residual distance ove
 (`iadgpt.model.residuals`: token-level, and patch-level max over each token's patches), the map by
 those distances. This is the signal the language model receives from `in_context_residuals`; the
 trained model's AUROC can be compared against it (docs/quickstart-experiments.md section 10).
+`--exemplar-shifts 3` adds the exemplars' half-patch-shifted patches to the patch bank (the setting
+`exemplar_shifts`, section 14); the nearest-patch baseline is scored on the same images.
 
     python eval/residual_signal.py                          # random small model, 18 categories, k = 2
-    python eval/residual_signal.py --model runs/quickstart/runs/stage3/final
+    python eval/residual_signal.py --model runs/quickstart/runs/stage3 --exemplar-shifts 3
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from sklearn.metrics import roc_auc_score
 
 from iadgpt.data.factory import category_spec, make_image
 from iadgpt.model.checkpoint import init_model, load_model, load_processor
-from iadgpt.model.residuals import nearest_exemplar_tokens, nearest_patch_distances
+from iadgpt.evaluation.baseline import NearestPatchBaseline
+from iadgpt.model.residuals import EXEMPLAR_SHIFTS, nearest_exemplar_tokens, nearest_patch_distances, shifted_image_pixels
 
 LOCAL_KINDS = ("scratch", "hole", "contamination", "missing_piece")
 
@@ -37,17 +40,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--categories", type=int, default=18, help="held-out categories (from index 10000)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="factory seed (the quickstart's --seed)")
+    parser.add_argument("--exemplar-shifts", type=int, default=0, choices=(0, 3, 8),
+                        help="half-patch-shifted copies of each reference in the patch bank")
     return parser.parse_args()
 
 
-def encode(model, processor, images):
-    """Per image: its visual tokens `[n, d]` and their patches `[n, unit, C]`; and the token grid."""
+def encode(model, processor, images, shifts=()):
+    """Per image: its visual tokens `[n, d]` and their patches `[n, unit, C]`; the token grid; and
+    per image the `[len(shifts) * n, unit, C]` patches of its shifted copies."""
     inputs = processor.image_processor(images=[Image.fromarray(x) for x in images], return_tensors="pt")
     with torch.no_grad():
         encoded = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        shifted = [torch.empty(0, *p.shape[1:]) for p in encoded.patches_per_token]
+        if shifts:
+            pixels, grids = shifted_image_pixels(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                 model.config.vision_config, shifts)
+            copies = model.model.get_image_features(pixels, grids, return_dict=True).patches_per_token
+            shifted = [torch.cat(copies[i * len(shifts):(i + 1) * len(shifts)]) for i in range(len(images))]
     _, h, w = inputs["image_grid_thw"][0].tolist()
     merge = model.config.vision_config.spatial_merge_size
-    return list(encoded.pooler_output), encoded.patches_per_token, (h // merge, w // merge)
+    return list(encoded.pooler_output), encoded.patches_per_token, (h // merge, w // merge), shifted
 
 
 def main() -> None:
@@ -58,9 +70,12 @@ def main() -> None:
     model = load_model(path, dtype=torch.float32, iadgpt={"in_context_residuals": True}).eval()
     processor = load_processor(path)
     rng = np.random.default_rng(args.seed)
-    scores = {"token": [], "patch": []}
+    shifts = EXEMPLAR_SHIFTS.get(args.exemplar_shifts, ())
+    baseline = NearestPatchBaseline(size=args.size)
+    names = ("token", "patch", "patch_grid", "baseline")
+    scores = {name: [] for name in names}
     rows = []  # (category, kind, label)
-    pixels = {"token": ([], []), "patch": ([], [])}
+    pixels = {name: ([], []) for name in names}
     for index in range(10_000, 10_000 + args.categories):
         spec = category_spec(args.seed, index)
         references = [make_image(spec, "good", rng, args.size).image for _ in range(args.k)]
@@ -68,23 +83,33 @@ def main() -> None:
         queries += [("local", make_image(spec, LOCAL_KINDS[i % 4], rng, args.size)) for i in range(6)]
         kinds = spec.in_context_kinds
         queries += [("in_context", make_image(spec, kinds[i % len(kinds)], rng, args.size)) for i in range(3)]
-        tokens, patches, (h, w) = encode(model, processor, references + [q.image for _, q in queries])
-        bank, patch_bank = torch.cat(tokens[:args.k]), torch.cat(patches[:args.k])
+        tokens, patches, (h, w), shifted = encode(model, processor, references + [q.image for _, q in queries],
+                                                  shifts)
+        bank = torch.cat(tokens[:args.k])
+        patch_bank = torch.cat(patches[:args.k] + shifted[:args.k])
+        reference_bank = baseline.memory_bank([Image.fromarray(r) for r in references])
+        m = model.config.vision_config.spatial_merge_size
         for (kind, query), q_tokens, q_patches in zip(queries, tokens[args.k:], patches[args.k:]):
-            maps = {"token": nearest_exemplar_tokens(q_tokens, bank)[1],
-                    "patch": nearest_patch_distances(q_patches, patch_bank).amax(-1)}
+            patch_distance = nearest_patch_distances(q_patches, patch_bank)  # [tokens, m * m]
+            maps = {"token": nearest_exemplar_tokens(q_tokens, bank)[1].view(h, w),
+                    "patch": patch_distance.amax(-1).view(h, w),
+                    # as the model lays its per-patch map out (IADGPTForConditionalGeneration._attach_maps)
+                    "patch_grid": patch_distance.view(h, w, m, m).transpose(1, 2).reshape(h * m, w * m)}
+            baseline_score, baseline_map = baseline(Image.fromarray(query.image),
+                                                    [Image.fromarray(r) for r in references], reference_bank)
             rows.append((index, kind))
-            for name, distance in maps.items():
-                scores[name].append(float(distance.max()))
+            for name, distance in {**maps, "baseline": torch.from_numpy(baseline_map)}.items():
+                scores[name].append(baseline_score if name == "baseline" else float(distance.max()))
                 if kind != "in_context":
                     mask = np.zeros((args.size, args.size), bool) if query.mask is None else np.asarray(query.mask) > 0
-                    up = F.interpolate(distance.view(1, 1, h, w).float(), size=mask.shape, mode="bilinear",
+                    up = F.interpolate(distance[None, None].float(), size=mask.shape, mode="bilinear",
                                        align_corners=False)[0, 0].numpy()
                     pixels[name][0].append(mask.ravel())
                     pixels[name][1].append(up.ravel())
     categories = np.array([r[0] for r in rows])
     kinds = np.array([r[1] for r in rows])
-    result = {"k": args.k, "categories": args.categories, "model": args.model or "random small"}
+    result = {"k": args.k, "categories": args.categories, "model": args.model or "random small",
+              "exemplar_shifts": args.exemplar_shifts}
     for name, values in scores.items():
         s = np.array(values)
         for kind in ("local", "in_context"):

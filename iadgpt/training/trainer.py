@@ -228,13 +228,17 @@ class StepBudget:
     """How many optimizer steps the run takes, and whether its wall-time budget is spent.
 
     Without `max_minutes` the count is fixed. With it the run stops (and saves) once the time is
-    up; with `fit_steps_to_minutes` as well, the count is re-planned from the measured pace when
-    10 %, 30 % and 60 % of the time have passed, so the learning-rate schedule ends with the time
-    even when the planned pace was wrong (a step-time probe on a busy machine, a slower node).
-    Every process decides from the slowest process's clock, so all stop at the same step.
+    up; with `fit_steps_to_minutes` as well, the count is re-planned from the measured pace at every
+    tenth of the time, so the learning-rate schedule ends with the time even when the planned pace
+    was wrong (a step-time probe on a busy machine, a slower node). The pace is that of the steps
+    since the previous re-plan, so a slow start (data workers starting, a neighbour's burst) does not
+    set the plan for good; a run that reaches its count before nine tenths of its time re-plans at
+    once rather than stop early. Every process decides from the slowest process's clock, so all
+    stop at the same step.
     """
 
-    REPLAN_AT = (0.1, 0.3, 0.6)
+    REPLANS = 9
+    """Re-plans at 1/10, 2/10, ..., 9/10 of the time."""
 
     def __init__(self, total_steps: int, max_minutes: float | None = None, fit_steps_to_minutes: bool = False):
         if fit_steps_to_minutes and max_minutes is None:
@@ -242,9 +246,9 @@ class StepBudget:
         self.total_steps = total_steps
         self.seconds = None if max_minutes is None else 60.0 * max_minutes
         self.fit = fit_steps_to_minutes
-        self.replans_done = 0
+        self.tenths_passed = 0  # re-plan points behind us
         self.out_of_time = False
-        self._paced_from: tuple[int, float] | None = None  # (step, elapsed) after the first step
+        self._paced_from: tuple[int, float] | None = None  # (step, elapsed) where the current pace window starts
 
     def update(self, step: int, elapsed: float) -> None:
         """After optimizer step `step`, `elapsed` seconds into the run (the same on every process)."""
@@ -254,12 +258,18 @@ class StepBudget:
         if self._paced_from is None:
             self._paced_from = (step, elapsed)  # the first step pays for warm-up: not paced
             return
-        if self.fit and self.replans_done < len(self.REPLAN_AT) and elapsed >= self.REPLAN_AT[self.replans_done] * self.seconds:
-            self.replans_done += 1
+        if not self.fit or step == self._paced_from[0]:
+            return
+        tenths = min(self.REPLANS, int(10 * elapsed / self.seconds))
+        due = tenths > self.tenths_passed
+        ends_early = step >= self.total_steps and tenths < self.REPLANS
+        if due or ends_early:
             self.total_steps = self.fitted_total(step, elapsed)
+            self.tenths_passed = tenths
+            self._paced_from = (step, elapsed)
 
     def fitted_total(self, step: int, elapsed: float) -> int:
-        """The step count that ends the run at its time budget at the pace measured since the first step."""
+        """The step count that ends the run at its time budget at the pace of the current window."""
         first_step, first_elapsed = self._paced_from
         pace = (elapsed - first_elapsed) / max(1, step - first_step)  # seconds per optimizer step
         return step + max(1, int((self.seconds - elapsed) / max(pace, 1e-9)))

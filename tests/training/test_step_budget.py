@@ -30,7 +30,19 @@ def test_a_wrong_plan_is_refitted_to_end_with_the_time(planned):
     steps, seconds = run_clock(budget, first_step_seconds=5.0, step_seconds=2.0)
     # 5 s for the first step, then 2 s each: 1 + (60 - 5) / 2 = 28.5 steps fit in the minute
     assert steps == 28 and not budget.out_of_time and seconds == pytest.approx(59.0)
-    assert budget.replans_done == 3
+    assert budget.tenths_passed == 9
+
+
+def test_a_slow_start_does_not_end_the_run_early():
+    """Four slow steps (workers starting, a busy neighbour) then fast ones: the plan follows the
+    recent pace, and a run that reaches its count with time left re-plans instead of stopping."""
+    budget = StepBudget(20, max_minutes=1.0, fit_steps_to_minutes=True)
+    step, elapsed = 0, 0.0
+    while step < budget.total_steps and not budget.out_of_time:
+        step += 1
+        elapsed += 8.0 if step <= 4 else 0.5
+        budget.update(step, elapsed)
+    assert 54.0 <= elapsed <= 60.0 and step > 50, (step, elapsed)
 
 
 def test_without_fitting_the_plan_stands_and_the_time_limit_stops_it():
