@@ -413,8 +413,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         output.loss = output.loss + 0.0 * residual(residuals, distances).sum()
         evidence = getattr(self, "residual_evidence", None)
         if evidence is not None:
-            patches, images, attention = evidence([distances], [distances.new_zeros(1, 4)])
-            output.loss = output.loss + 0.0 * (patches[0].sum() + images.sum() + attention.sum())
+            patches, images = evidence([distances], [distances.new_zeros(1, 4)])
+            output.loss = output.loss + 0.0 * (patches[0].sum() + images.sum())
         return output
 
     def _with_dummy_image(self, output: IADGPTOutput, pixel_values, grid_thw) -> IADGPTOutput:
@@ -447,9 +447,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         patch_evidence: dict[int, torch.Tensor] = {}  # per query image, [n, unit] evidence of its patches
         image_evidence: dict[int, torch.Tensor] = {}  # per query image, its image evidence
         residual_logits = None
-        attention_weight = None  # the attention map's learned weight where evidence joins it
         if self.iadgpt.residual_scores and distances:
-            per_patch, per_image, attention_weight = self.residual_evidence(*map(list, zip(*distances.values())))
+            per_patch, per_image = self.residual_evidence(*map(list, zip(*distances.values())))
             patch_evidence = dict(zip(distances, per_patch))
             image_evidence = dict(zip(distances, per_image))
             residual_logits = per_image.new_zeros(batch)  # per sample: filled in below
@@ -567,12 +566,11 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             result.score_loss = self.answer_score_loss(logits, lab)
             result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
         if want_maps:
-            self._attach_maps(result, request, query_grid, pixel_masks, map_evidence, attention_weight)
+            self._attach_maps(result, request, query_grid, pixel_masks, map_evidence)
         if patch_evidence and result.loss is not None:
             # Evidence a loss did not use (no map, or no score loss) still joins the graph: DDP and
             # ZeRO expect every parameter of a forward to get a gradient.
-            result.loss = result.loss + 0.0 * (residual_logits.sum() + sum(t.sum() for t in patch_evidence.values())
-                                               + attention_weight.sum())
+            result.loss = result.loss + 0.0 * (residual_logits.sum() + sum(t.sum() for t in patch_evidence.values()))
         return self._with_unused_residual(result, bool(distances))
 
     def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
@@ -669,7 +667,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return maps
 
     def _attach_maps(self, result: IADGPTOutput, request: AttentionMapRequest, grids, pixel_masks,
-                     evidence: list[torch.Tensor | None], attention_weight: torch.Tensor | None = None) -> None:
+                     evidence: list[torch.Tensor | None]) -> None:
         layers = self.iadgpt.attention_map_layers
         anomaly = torch.stack([request.maps[n][0] for n in layers]).mean(0)  # mean over layers (Eq. 5)
         normal = torch.stack([request.maps[n][1] for n in layers]).mean(0)
@@ -690,7 +688,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 m = self.config.vision_config.spatial_merge_size
                 patches = evidence[b].float().view(h, w, m, m).transpose(1, 2).reshape(h * m, w * m)
                 fine = scores.repeat_interleave(m, 0).repeat_interleave(m, 1)
-                scores = torch.sigmoid(attention_weight.float() * torch.logit(fine, eps=1e-6) + patches)
+                scores = torch.sigmoid(torch.logit(fine, eps=1e-6) + patches)
             result.pixel_scores.append(scores)
         if pixel_masks is None:
             return

@@ -172,17 +172,13 @@ class ResidualEvidence(nn.Module):
 
         image: r = max_t(d_t) . w_max + mean_t(d_t) . w_mean + b   (over the query's tokens t)
         patch: r_p = (d_p, d_t[token], d_t[patch_mean]) . v + c      (p one of token t's patches)
-        map:   sigmoid(a * logit(attention map) + r_p),  a = 1 + attention_weight
 
     with d_t the three DISTANCE_FEATURES of token t and d_p the patch's own distance to its nearest
     exemplar patch: the map gets the vision patches' resolution (spatial_merge_size finer than the
     token grid), which small defects need. The language model already sees the distances
     (InContextResidual) but must learn to route them to one answer token and to the anomaly words'
     attention; this direct path is what InCTRL does with its residual score, and it trains in a few
-    hundred steps. The attention map's own weight a is learned too (it starts at 1, the paper's map):
-    at this scale the anomaly words' attention is a weak, token-coarse cue, and a fixed weight of 1
-    let it blur the per-patch evidence (docs/quickstart-experiments.md section 14). Every weight is
-    stored divided by GAIN: Adam moves a weight by about the learning
+    hundred steps. Every weight is stored divided by GAIN: Adam moves a weight by about the learning
     rate per step whatever its gradient, and cosine distances differ by tenths where logits must
     move by units, so the stored weights move at the pace of a logit. Zero-initialised (see
     `IADGPTForConditionalGeneration.initialize_weights`): the scores start as without evidence.
@@ -198,18 +194,14 @@ class ResidualEvidence(nn.Module):
         self.image_bias = nn.Parameter(torch.zeros(1))
         self.patch_weight = nn.Parameter(torch.zeros(features))
         self.patch_bias = nn.Parameter(torch.zeros(1))
-        self.attention_weight = nn.Parameter(torch.zeros(1))
 
     def forward(self, distances: list[torch.Tensor], patch_distances: list[torch.Tensor]
-                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per query image `[n_i, 3]` distances and `[n_i, unit]` patch distances (`residual_features`)
-        -> (per image `[n_i, unit]` patch evidence, `[images]` image evidence, `[1]` the attention
-        map's weight a). All three are computed here, inside the module's call, where ZeRO-3 has its
-        weights gathered."""
+        -> (per image `[n_i, unit]` patch evidence, `[images]` image evidence)."""
         flat, patches = torch.cat(distances), torch.cat(patch_distances)
         features = torch.stack([patches, flat[:, None, 0].expand_as(patches), flat[:, None, 2].expand_as(patches)], -1)
         per_patch = self.GAIN * (features.to(self.patch_weight.dtype) @ self.patch_weight + self.patch_bias)
         pooled = torch.stack([torch.cat([d.amax(0), d.mean(0)]) for d in distances]).to(self.image_weight.dtype)
         images = self.GAIN * (pooled @ self.image_weight + self.image_bias)
-        attention = 1.0 + self.GAIN * self.attention_weight
-        return list(per_patch.split([d.shape[0] for d in distances])), images, attention
+        return list(per_patch.split([d.shape[0] for d in distances])), images
