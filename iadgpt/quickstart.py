@@ -527,7 +527,9 @@ class Quickstart:
 
         from .inspection import Inspector
 
-        inspector = Inspector.from_pretrained(self.paths.init_model, batch_size=8, iadgpt=self.settings.eval_iadgpt or None)
+        # with the settings the trained model will have (residuals, shifted exemplars): they cost time
+        settings = {**self.settings.iadgpt, **self.settings.eval_iadgpt}
+        inspector = Inspector.from_pretrained(self.paths.init_model, batch_size=8, iadgpt=settings or None)
         rng = np.random.default_rng(0)
         side = self.settings.image_size
         images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(8)]
@@ -706,6 +708,7 @@ class Quickstart:
         from .training.loop import train
         from .training.trainer import checkpoint_dirs
 
+        started = time.monotonic()
         seconds = self.training_plan()[str(stage)]
         key = f"train{stage}_steps"
         resume = key in self.state.plan  # planned in an earlier session that did not finish the stage
@@ -715,6 +718,8 @@ class Quickstart:
         elif not resume:
             probe = self.stage_config(stage, max_steps=1, max_minutes=seconds / 60)
             step_seconds = time_training_step(probe)
+            # the probe's own time comes out of the stage's, not on top of the budget
+            seconds = max(seconds - (time.monotonic() - started), COSTS.minimum_training)
             self.state.plan[key] = max(1, int(seconds / step_seconds))
             self.state.plan[f"train{stage}_step_seconds"] = step_seconds
             self.state.save()
