@@ -424,8 +424,9 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return output
 
     def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
-                         image_embeds, image_patches, image_pixels, image_grid_thw, mm_token_type_ids, logits_to_keep, image_roles,
-                         compress, strict_compression, map_samples, pixel_masks, anomaly_word_mask, normal_word_mask, **kwargs):
+                         image_embeds, image_patches, image_pixels, image_grid_thw, mm_token_type_ids, logits_to_keep,
+                         image_roles, compress, strict_compression, map_samples, pixel_masks, anomaly_word_mask,
+                         normal_word_mask, **kwargs):
         cfg = self.config
         want_maps = map_samples is not None
         batch, length = input_ids.shape
@@ -584,7 +585,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         image that had exemplars."""
         starts = [sum(counts[:i]) for i in range(len(counts))]
         samples = [range(start, start + count) for start, count in zip(starts, counts)]
-        used = [m for m in samples if any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m)]
+        used = [m for m in samples
+                if any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m)]
         shifted: dict[int, torch.Tensor] = {}
         if self.iadgpt.exemplar_shifts:
             exemplars = [g for m in used for g in m if roles[g] == ROLE_EXEMPLAR]

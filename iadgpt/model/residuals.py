@@ -16,6 +16,10 @@ normal exemplars, before exemplar compression, so what compression drops still i
 `W_r` and `e_f` start at zero, so a model starts out exactly as without the module; a defect then
 reaches the language model as tokens with large distances, which attention (exponential in a key
 linear in the distances) can single out for the Yes/No answer and for the anomaly words' pixel map.
+
+The patches sit on a fixed grid, so a product at another offset modulo the patch size straddles its
+nearest exemplar patches; `shifted_image_pixels` moves the exemplars by half a patch so their
+shifted patches can join the bank (setting `exemplar_shifts`), as PatchCore's overlapping windows do.
 """
 
 from __future__ import annotations
@@ -125,7 +129,8 @@ def shifted_image_pixels(pixel_values: torch.Tensor, grid_thw: torch.Tensor, vis
         (`pixel_values` of every image's shifted copies, image by image and shift by shift, and
         their `grid_thw`).
     """
-    patch, merge, temporal = vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size
+    patch, merge = vision_config.patch_size, vision_config.spatial_merge_size
+    temporal = vision_config.temporal_patch_size
     half = patch // 2
     copies, grids = [], []
     for pixels, (t, h, w) in zip(pixels_per_image(pixel_values, grid_thw), grid_thw.tolist()):

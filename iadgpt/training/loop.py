@@ -76,7 +76,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> None:
 
     # 3. The loop.
     meter = StepMeter(accelerator)
-    progress = tqdm(total=budget.total_steps, initial=state["step"], disable=not main_process, desc=f"stage {cfg.stage}")
+    progress = tqdm(total=budget.total_steps, initial=state["step"], disable=not main_process,
+                    desc=f"stage {cfg.stage}")
     started = time.monotonic()
     model.train()
     while state["step"] < budget.total_steps:
