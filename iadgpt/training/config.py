@@ -56,8 +56,9 @@ class TrainConfig:
     """Stop (and save) after this much wall time."""
     fit_steps_to_minutes: bool = False
     """With max_minutes: treat max_steps (or the epochs' steps) as a first estimate and re-plan it
-    from the measured pace at 10, 30 and 60 % of the time, so the learning-rate schedule decays to
-    its end just as the time runs out (the quickstart's stages; a fixed-time run on any machine)."""
+    from the recent pace at every tenth of the time (`StepBudget`), so the learning-rate schedule
+    decays to its end just as the time runs out (the quickstart's stages; a fixed-time run on any
+    machine)."""
     freeze_vision: bool = True
     """Freeze the vision encoder (paper: stage 3 only). The merger and fusion weights stay trainable
     unless `freeze_merger` is set."""
