@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from iadgpt.data.factory import category_spec, make_image
 from iadgpt.model.checkpoint import init_model, load_model, load_processor
 from iadgpt.evaluation.baseline import NearestPatchBaseline
-from iadgpt.model.residuals import EXEMPLAR_SHIFTS, nearest_exemplar_tokens, nearest_patch_distances, shifted_image_pixels
+from iadgpt.model.residuals import nearest_exemplar_tokens, nearest_patch_distances
 
 LOCAL_KINDS = ("scratch", "hole", "contamination", "missing_piece")
 
@@ -45,18 +45,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def encode(model, processor, images, shifts=()):
+def encode(model, processor, images, references: int = 0):
     """Per image: its visual tokens `[n, d]` and their patches `[n, unit, C]`; the token grid; and
-    per image the `[len(shifts) * n, unit, C]` patches of its shifted copies."""
+    for the first `references` images the patches of their shifted copies, as the model's patch bank
+    gets them (`shifted_exemplar_patches`; none when the model has no `exemplar_shifts`)."""
     inputs = processor.image_processor(images=[Image.fromarray(x) for x in images], return_tensors="pt")
     with torch.no_grad():
         encoded = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-        shifted = [torch.empty(0, *p.shape[1:]) for p in encoded.patches_per_token]
-        if shifts:
-            pixels, grids = shifted_image_pixels(inputs["pixel_values"], inputs["image_grid_thw"],
-                                                 model.config.vision_config, shifts)
-            copies = model.model.get_image_features(pixels, grids, return_dict=True).patches_per_token
-            shifted = [torch.cat(copies[i * len(shifts):(i + 1) * len(shifts)]) for i in range(len(images))]
+    shifted = []
+    if model.iadgpt.exemplar_shifts:
+        shifted = model.shifted_exemplar_patches(encoded.pixels_per_image[:references])
     _, h, w = inputs["image_grid_thw"][0].tolist()
     merge = model.config.vision_config.spatial_merge_size
     return list(encoded.pooler_output), encoded.patches_per_token, (h // merge, w // merge), shifted
@@ -67,10 +65,10 @@ def main() -> None:
     torch.set_num_threads(1)
     path = args.model or str(init_model(tempfile.mkdtemp() + "/random_small", "small", seed=0))
     # The encoder output carries each token's patches only with the residuals on.
-    model = load_model(path, dtype=torch.float32, iadgpt={"in_context_residuals": True}).eval()
+    model = load_model(path, dtype=torch.float32,
+                       iadgpt={"in_context_residuals": True, "exemplar_shifts": args.exemplar_shifts}).eval()
     processor = load_processor(path)
     rng = np.random.default_rng(args.seed)
-    shifts = EXEMPLAR_SHIFTS.get(args.exemplar_shifts, ())
     baseline = NearestPatchBaseline(size=args.size)
     names = ("token", "patch", "patch_grid", "baseline")
     scores = {name: [] for name in names}
@@ -84,9 +82,9 @@ def main() -> None:
         kinds = spec.in_context_kinds
         queries += [("in_context", make_image(spec, kinds[i % len(kinds)], rng, args.size)) for i in range(3)]
         tokens, patches, (h, w), shifted = encode(model, processor, references + [q.image for _, q in queries],
-                                                  shifts)
+                                                  references=args.k)
         bank = torch.cat(tokens[:args.k])
-        patch_bank = torch.cat(patches[:args.k] + shifted[:args.k])
+        patch_bank = torch.cat(patches[:args.k] + shifted)
         reference_bank = baseline.memory_bank([Image.fromarray(r) for r in references])
         m = model.config.vision_config.spatial_merge_size
         for (kind, query), q_tokens, q_patches in zip(queries, tokens[args.k:], patches[args.k:]):
