@@ -1008,7 +1008,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a different quickstart run in --out")
     parser.add_argument("--ablations", action="store_true",
                         help="after the quickstart, train and evaluate the ablation variants (each takes about "
-                             "the quickstart's own time: 6 variants, 5 retention rows)")
+                             "the quickstart's own time; then 5 retention rows, evaluation only)")
     parser.add_argument("--variants", default=None,
                         help="with --ablations: only these comma-separated variants (to share the work between "
                              "processes; a final --ablations without it writes the whole table)")
