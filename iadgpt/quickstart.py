@@ -787,20 +787,26 @@ class Quickstart:
         self.run_benchmark(settings, NearestPatchInspector(), "detection (baseline)")
         return {}
 
-    def kind_metrics(self) -> dict:
+    def kind_metrics(self, by=None) -> dict:
+        """{"model" | "baseline": metrics_by_kind(...)} of the two benchmarks (`by=metrics_by_defect`
+        for the local defects by type)."""
         from .evaluation.by_kind import metrics_by_kind
 
-        return {method: metrics_by_kind(folder, self.paths.held_out, self.paths.held_out / "images.jsonl",
-                                        map_size=self.settings.image_size)
+        by = by or metrics_by_kind
+        return {method: by(folder, self.paths.held_out, self.paths.held_out / "images.jsonl",
+                           map_size=self.settings.image_size)
                 for method, folder in (("model", self.paths.model_eval), ("baseline", self.paths.baseline_eval))}
 
     def report(self) -> dict:
+        from .evaluation.by_kind import metrics_by_defect
+
         metrics = self.kind_metrics()
+        by_defect = self.kind_metrics(by=metrics_by_defect)
         chat = self.example_chat()
         # Everything up to now, this phase included (its own seconds are recorded after it returns).
         seconds = self.state.seconds() + self.shared_seconds() + time.monotonic() - self.phase_started
-        document = report_document(metrics, seconds / 60)
-        (self.paths.out / "report.md").write_text(report_markdown(self, metrics, document, chat))
+        document = report_document(metrics, seconds / 60, by_defect)
+        (self.paths.out / "report.md").write_text(report_markdown(self, metrics, document, chat, by_defect))
         (self.paths.out / "report.json").write_text(json.dumps(document, indent=2) + "\n")
         return {}
 
@@ -894,13 +900,21 @@ def time_training_step(cfg, batches: int = 6) -> float:
 # Reports
 
 
-def report_document(metrics: dict, minutes: float) -> dict:
-    """report.json: {"k": {"<k>": {"model": {...}, "baseline": {...}}}, "minutes": m} (means over seeds)."""
+def report_document(metrics: dict, minutes: float, by_defect: dict | None = None) -> dict:
+    """report.json: {"k": {"<k>": {"model": {...}, "baseline": {...}}}, "minutes": m} (means over seeds),
+    and with `by_defect`, the local defects by type:
+    {"by_defect": {"<k>": {"model" | "baseline": {"<type>": {"image_auroc": x, "pixel_auroc": y}}}}}."""
     document = {"k": {}}
     for k in metrics["model"]:
         document["k"][k] = {method: {name: _finite(summary["mean"]) for name, summary in metrics[method][k].items()}
                             for method in ("model", "baseline")}
     document["minutes"] = round(minutes, 2)
+    if by_defect is not None:
+        document["by_defect"] = {
+            k: {method: {defect: {name: _finite(summary["mean"]) for name, summary in values.items()}
+                         for defect, values in by_defect[method][k].items()}
+                for method in ("model", "baseline")}
+            for k in by_defect["model"]}
     return document
 
 
@@ -952,7 +966,19 @@ def results_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(run: Quickstart, metrics: dict, document: dict, chat: list[tuple[str, str]]) -> str:
+def defect_table(by_defect: dict, k: str) -> str:
+    """Local defects by type at one k: image and pixel AUROC of the model beside the baseline's."""
+    lines = ["| defect | model: image AUROC | baseline: image | model: pixel AUROC | baseline: pixel |",
+             "|---|---:|---:|---:|---:|"]
+    for defect in by_defect["model"][k]:
+        cells = [_pct(by_defect[method][k][defect][name]) for name in ("image_auroc", "pixel_auroc")
+                 for method in ("model", "baseline")]
+        lines.append(f"| {defect} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(run: Quickstart, metrics: dict, document: dict, chat: list[tuple[str, str]],
+                    by_defect: dict | None = None) -> str:
     s = run.settings
     phases = run.state.document["phases"]
     lines = [
@@ -969,6 +995,11 @@ def report_markdown(run: Quickstart, metrics: dict, document: dict, chat: list[t
     ]
     for name, value, verdict in target_rows(document):
         lines.append(f"| {name} | {'n/a' if value is None else f'{value:.3f}'} | {verdict} |")
+    if by_defect:
+        k = "2" if "2" in by_defect["model"] else max(by_defect["model"], key=int)
+        lines += ["", f"## Local defects by type (k = {k})", "",
+                  "Each type's images against the same normal images (`iadgpt.evaluation.by_kind.metrics_by_defect`).",
+                  "", defect_table(by_defect, k)]
     lines += ["", "## Phases", "", "| phase | seconds | details |", "|---|---:|---|"]
     for name, info in phases.items():
         details = ", ".join(f"{k}={v}" for k, v in info.items() if k != "seconds")

@@ -53,7 +53,7 @@ def finished_run(tmp_path_factory):
 def test_report_has_every_k_method_and_metric(finished_run):
     out, report, _ = finished_run
     assert report == json.loads((out / "report.json").read_text())
-    assert set(report) == {"k", "minutes"}
+    assert set(report) == {"k", "minutes", "by_defect"}
     assert sorted(report["k"]) == [str(k) for k in SHOTS]
     for k in report["k"].values():
         assert set(k) == {"model", "baseline"}
@@ -68,6 +68,26 @@ def test_report_has_every_k_method_and_metric(finished_run):
         assert (out / name).is_file(), name
     assert list((out / "eval" / "model" / "overlays").rglob("*.png"))
     assert "| k | model: in-context image AUROC" in (out / "report.md").read_text()
+
+
+def test_report_breaks_local_defects_down_by_type(finished_run):
+    """Every local defect type of the held-out queries has its row, for the model and the baseline.
+    The factory gives every category the same number of images of each type, and the types share
+    the normal images, so the kind's image AUROC is exactly the mean of the types' (a type scored
+    with another's images, or with the wrong normals, breaks the equality)."""
+    out, report, _ = finished_run
+    items = [json.loads(line) for line in (out / "data" / "held_out" / "images.jsonl").read_text().splitlines()]
+    types = {item["defect"] for item in items if item["defect_class"] == "local" and item["split"] == "test"}
+    assert len(types) >= 5
+    assert sorted(report["by_defect"]) == [str(k) for k in SHOTS]
+    for method in ("model", "baseline"):
+        by_type = report["by_defect"]["2"][method]
+        assert set(by_type) == types
+        assert all(set(v) == {"image_auroc", "pixel_auroc"} for v in by_type.values())
+        assert all(0.0 <= v["pixel_auroc"] <= 1.0 for v in by_type.values())
+        mean_of_types = sum(v["image_auroc"] for v in by_type.values()) / len(by_type)
+        assert mean_of_types == pytest.approx(report["k"]["2"][method]["image_auroc_local"], abs=2e-4)
+    assert "## Local defects by type (k = 2)" in (out / "report.md").read_text()
 
 
 def test_training_moved_the_model(finished_run):

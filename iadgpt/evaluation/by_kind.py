@@ -11,6 +11,10 @@ this module scores each kind against the same normal images:
 * `pixel_auroc`: every pixel of the local-defect and normal images (in-context masks cover whole
   products, which is not localisation).
 
+`metrics_by_defect` breaks the local kind down further, by defect type (scratch, hole, ...): each
+type's images against the same normal images, image and pixel AUROC, so a report shows which
+defects a model localises worse than another method, not only that it does.
+
 Each metric is computed per category and averaged over categories (the benchmark's convention),
 then averaged over the few-shot seeds. Nothing is re-scored: the scores and token maps come from
 the benchmark's cache, the references and queries from its manifest, the masks through the same
@@ -31,14 +35,16 @@ KIND_METRICS = ("image_auroc_local", "image_auroc_in_context", "pixel_auroc")
 """The three numbers reported per k and method."""
 
 
-def defect_classes(images_jsonl: str | Path) -> dict[str, str]:
-    """Image path (relative to the dataset root) -> "normal", "local" or "in_context" (factory images.jsonl)."""
+def defect_classes(images_jsonl: str | Path, field: str = "defect_class") -> dict[str, str]:
+    """Image path (relative to the dataset root) -> "normal", "local" or "in_context" (factory images.jsonl).
+
+    `field="defect"` gives each image's defect type instead ("good", "scratch", ...)."""
     classes = {}
     with Path(images_jsonl).open(encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
                 item = json.loads(line)
-                classes[item["image"]] = item["defect_class"]
+                classes[item["image"]] = item[field]
     return classes
 
 
@@ -62,10 +68,40 @@ def run_metrics_by_kind(queries, records: dict[str, dict], key, classes: dict[st
         result[name] = image_metrics(labels, scores)["image_auroc"]
     chosen = by_class["normal"] + by_class["local"]
     if by_class["local"]:
-        masks = [truth.mask(s.image_path) for s in chosen]
-        maps = normalize_per_category([upsample_token_map(records[key(s.image_path)]["token_map"], m.shape)
-                                       for s, m in zip(chosen, masks)])
+        masks, maps = _masks_and_maps(chosen, records, key, truth)
         result["pixel_auroc"] = pixel_metrics(masks, maps)["pixel_auroc"]
+    return result
+
+
+def _masks_and_maps(samples, records: dict[str, dict], key, truth) -> tuple[list, list]:
+    """Ground-truth masks and the category-normalised anomaly maps of `samples`, in their order."""
+    masks = [truth.mask(s.image_path) for s in samples]
+    maps = normalize_per_category([upsample_token_map(records[key(s.image_path)]["token_map"], m.shape)
+                                   for s, m in zip(samples, masks)])
+    return masks, maps
+
+
+def run_metrics_by_defect(queries, records: dict[str, dict], key, classes: dict[str, str],
+                          defects: dict[str, str], truth) -> dict[str, float]:
+    """Image and pixel AUROC of each local defect type of one category in one (k, seed) run, as
+    {"<type>/image_auroc": x, "<type>/pixel_auroc": y}.
+
+    The maps are normalised once over the normal and all local-defect images (as for `pixel_auroc`
+    in `run_metrics_by_kind`), then each type's images are scored with the normal ones.
+    """
+    normal = [s for s in queries if classes[key(s.image_path)] == "normal"]
+    local = [s for s in queries if classes[key(s.image_path)] == "local"]
+    if not local:
+        return {}
+    chosen = normal + local
+    masks, maps = _masks_and_maps(chosen, records, key, truth)
+    result = {}
+    for defect in sorted({defects[key(s.image_path)] for s in local}):
+        picked = [i for i, s in enumerate(chosen) if i < len(normal) or defects[key(s.image_path)] == defect]
+        labels = [int(i >= len(normal)) for i in picked]
+        scores = [records[key(chosen[i].image_path)]["score"] for i in picked]
+        result[f"{defect}/image_auroc"] = image_metrics(labels, scores)["image_auroc"]
+        result[f"{defect}/pixel_auroc"] = pixel_metrics([masks[i] for i in picked], [maps[i] for i in picked])["pixel_auroc"]
     return result
 
 
@@ -76,26 +112,64 @@ def metrics_by_kind(benchmark_dir: str | Path, root: str | Path, images_jsonl: s
     `root` is the benchmark's dataset root (MVTec layout) and `images_jsonl` the factory's list of
     images with their defect class. `shots` restricts the k evaluated (default: all in the manifest).
     """
+    classes = defect_classes(images_jsonl)
+    return _over_categories_and_seeds(
+        benchmark_dir, root, map_size, shots,
+        lambda queries, records, key, truth: run_metrics_by_kind(queries, records, key, classes, truth),
+        names=KIND_METRICS)
+
+
+def metrics_by_defect(benchmark_dir: str | Path, root: str | Path, images_jsonl: str | Path,
+                      map_size: int = 128, shots: list[int] | None = None
+                      ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """{"<k>": {"<defect type>": {"image_auroc" | "pixel_auroc": {"mean", "std"}}}} over seeds: the
+    local defects by type, each averaged over the categories that have it. Arguments as in
+    `metrics_by_kind`."""
+    classes = defect_classes(images_jsonl)
+    defects = defect_classes(images_jsonl, field="defect")
+    flat = _over_categories_and_seeds(
+        benchmark_dir, root, map_size, shots,
+        lambda queries, records, key, truth: run_metrics_by_defect(queries, records, key, classes, defects, truth))
+    nested: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for k, summaries in flat.items():
+        nested[k] = {}
+        for name, summary in sorted(summaries.items()):
+            defect, metric = name.rsplit("/", 1)
+            nested[k].setdefault(defect, {})[metric] = summary
+    return nested
+
+
+def _over_categories_and_seeds(benchmark_dir: str | Path, root: str | Path, map_size: int,
+                               shots: list[int] | None, score_category, names: tuple[str, ...] = ()
+                               ) -> dict[str, dict[str, dict[str, float]]]:
+    """`score_category(queries, records, key, truth) -> {metric: value}` for every category of every
+    (k, seed) run of the benchmark in `benchmark_dir`; each metric averaged over the categories that
+    have it, then summarised over seeds. `names` are reported even where no category has them (NaN:
+    undefined), and so is a metric that one run has and another lacks."""
     benchmark_dir = Path(benchmark_dir)
     settings = DetectionSettings(model="", dataset="mvtec", root=str(root), out=str(benchmark_dir),
                                  manifest=str(benchmark_dir / "manifest.json"), map_size=map_size)
     plan = plan_benchmark(settings)
     truth = load_ground_truth(plan, map_size)
-    classes = defect_classes(images_jsonl)
     cache = ScoreCache(benchmark_dir / "cache")
     per_k: dict[int, list[dict[str, float]]] = {}
     for k, seed in plan.runs():
         if shots is not None and k not in shots:
             continue
         records = cache.load(k, seed)
-        per_category: dict[str, list[float]] = {name: [] for name in KIND_METRICS}
+        per_category: dict[str, list[float]] = {name: [] for name in names}
         for category in plan.categories.values():
             queries = category.run_queries(k, seed)
             missing = [plan.key(s.image_path) for s in queries if plan.key(s.image_path) not in records]
             if missing:
                 raise RuntimeError(f"{benchmark_dir}: {k}-shot seed {seed} has no score for {missing[0]} "
                                    f"(and {len(missing) - 1} more): the benchmark did not finish")
-            for name, value in run_metrics_by_kind(queries, records, plan.key, classes, truth).items():
-                per_category[name].append(value)
+            for name, value in score_category(queries, records, plan.key, truth).items():
+                per_category.setdefault(name, []).append(value)
         per_k.setdefault(k, []).append({name: _mean_over_categories(v) for name, v in per_category.items()})
-    return {str(k): summarize_over_seeds(runs, ddof=0 if len(runs) == 1 else 1) for k, runs in sorted(per_k.items())}
+    summaries = {}
+    for k, runs in sorted(per_k.items()):
+        every_name = list(dict.fromkeys(name for run in runs for name in run))
+        runs = [{name: run.get(name, float("nan")) for name in every_name} for run in runs]
+        summaries[str(k)] = summarize_over_seeds(runs, ddof=0 if len(runs) == 1 else 1)
+    return summaries
