@@ -16,7 +16,8 @@ command skips what is done (an interrupted training stage resumes from its last 
                 stage from a YAML written to OUT/configs/ that train/train.py reads unchanged
   detection     the few-shot benchmark (`run_detection`) on the held-out categories, k = 0, 1, 2, 4
   baseline      nearest-patch matching (PatchCore-style) on the same manifest, through the same benchmark
-  report        OUT/report.json + report.md by defect kind (`iadgpt.evaluation.by_kind`), an example chat
+  report        OUT/report.json + report.md by defect kind and local defect type (`iadgpt.evaluation.by_kind`),
+                an example chat
 
 The budget (`--minutes`) is kept by shortening training, never by overrunning: data phases are
 measured as they run, evaluation is estimated from timed forward passes of the untrained model, and
