@@ -31,6 +31,7 @@ refused before any work starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -185,6 +186,8 @@ class CostModel:
     """Metrics and overlays per scored query: the benchmark's, then the report's by defect kind."""
     baseline_query: float = 0.01
     """One nearest-patch baseline query (the references' memory bank is built once per category)."""
+    defect_metrics: float = 0.013
+    """Per scored query of the report's k, per method: the local defects by type (`report_k`)."""
     report: float = 6.0
     """The example chat and writing the report."""
     minimum_training: float = 10.0
@@ -329,7 +332,13 @@ def evaluation_seconds(settings: QuickstartSettings, queries: int, forward: Call
     scoring = sum(seeds * queries * forward(k) for k, seeds in runs)
     metrics = sum(seeds for _, seeds in runs) * queries * COSTS.map_metrics
     baseline = sum(seeds * queries * COSTS.baseline_query for k, seeds in runs)
-    return scoring + 4 * metrics + baseline + COSTS.report  # metrics: model and baseline, benchmark and report
+    by_defect = 2 * dict(runs)[report_k(settings)] * queries * COSTS.defect_metrics  # model and baseline
+    return scoring + 4 * metrics + baseline + by_defect + COSTS.report  # metrics: model and baseline, benchmark and report
+
+
+def report_k(settings: QuickstartSettings) -> int:
+    """The k of the report's example chat and of its defect types: the targets' 2 if evaluated."""
+    return 2 if 2 in settings.shots else max(settings.shots)
 
 
 def data_seconds(settings: QuickstartSettings) -> float:
@@ -802,7 +811,8 @@ class Quickstart:
         from .evaluation.by_kind import metrics_by_defect
 
         metrics = self.kind_metrics()
-        by_defect = self.kind_metrics(by=metrics_by_defect)
+        # At one k: per query the types' metrics cost twice the kinds' (14 s for both methods here).
+        by_defect = self.kind_metrics(by=functools.partial(metrics_by_defect, shots=[report_k(self.settings)]))
         chat = self.example_chat()
         # Everything up to now, this phase included (its own seconds are recorded after it returns).
         seconds = self.state.seconds() + self.shared_seconds() + time.monotonic() - self.phase_started
@@ -818,7 +828,7 @@ class Quickstart:
 
         manifest = json.loads((self.paths.model_eval / "manifest.json").read_text())
         classes = _defect_classes(self.paths.held_out)
-        k = "2" if "2" in next(iter(manifest["categories"].values()))["references"] else str(max(self.settings.shots))
+        k = str(report_k(self.settings))
         cache = _scores(self.paths.model_eval, int(k), 0)
         candidates = [(cache[q], name, q) for name, entry in manifest["categories"].items()
                       for q in entry["queries"] if classes.get(q) == "local" and q in cache]
@@ -996,8 +1006,7 @@ def report_markdown(run: Quickstart, metrics: dict, document: dict, chat: list[t
     ]
     for name, value, verdict in target_rows(document):
         lines.append(f"| {name} | {'n/a' if value is None else f'{value:.3f}'} | {verdict} |")
-    if by_defect:
-        k = "2" if "2" in by_defect["model"] else max(by_defect["model"], key=int)
+    for k in (by_defect or {}).get("model", {}):
         lines += ["", f"## Local defects by type (k = {k})", "",
                   "Each type's images against the same normal images (`iadgpt.evaluation.by_kind.metrics_by_defect`).",
                   "", defect_table(by_defect, k)]

@@ -9,6 +9,7 @@ from .metrics import (
     f1_max,
     image_metrics,
     normalize_per_category,
+    pixel_auroc,
     pixel_metrics,
     pro_curve,
     summarize_over_seeds,
@@ -16,5 +17,5 @@ from .metrics import (
 
 __all__ = [
     "DEFAULT_MAX_FPR", "IMAGE_METRIC_NAMES", "METRIC_NAMES", "PIXEL_METRIC_NAMES", "aupro", "f1_max",
-    "image_metrics", "normalize_per_category", "pixel_metrics", "pro_curve", "summarize_over_seeds",
+    "image_metrics", "normalize_per_category", "pixel_auroc", "pixel_metrics", "pro_curve", "summarize_over_seeds",
 ]

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .detection import DetectionSettings, ScoreCache, load_ground_truth, plan_benchmark, upsample_token_map
-from .metrics import image_metrics, normalize_per_category, pixel_metrics, summarize_over_seeds
+from .metrics import image_metrics, normalize_per_category, pixel_auroc, summarize_over_seeds
 
 KIND_METRICS = ("image_auroc_local", "image_auroc_in_context", "pixel_auroc")
 """The three numbers reported per k and method."""
@@ -69,7 +69,7 @@ def run_metrics_by_kind(queries, records: dict[str, dict], key, classes: dict[st
     chosen = by_class["normal"] + by_class["local"]
     if by_class["local"]:
         masks, maps = _masks_and_maps(chosen, records, key, truth)
-        result["pixel_auroc"] = pixel_metrics(masks, maps)["pixel_auroc"]
+        result["pixel_auroc"] = pixel_auroc(masks, maps)
     return result
 
 
@@ -101,7 +101,7 @@ def run_metrics_by_defect(queries, records: dict[str, dict], key, classes: dict[
         labels = [int(i >= len(normal)) for i in picked]
         scores = [records[key(chosen[i].image_path)]["score"] for i in picked]
         result[f"{defect}/image_auroc"] = image_metrics(labels, scores)["image_auroc"]
-        result[f"{defect}/pixel_auroc"] = pixel_metrics([masks[i] for i in picked], [maps[i] for i in picked])["pixel_auroc"]
+        result[f"{defect}/pixel_auroc"] = pixel_auroc([masks[i] for i in picked], [maps[i] for i in picked])
     return result
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "METRIC_NAMES",
     "image_metrics",
     "pixel_metrics",
+    "pixel_auroc",
     "aupro",
     "pro_curve",
     "f1_max",
@@ -271,16 +272,30 @@ def pixel_metrics(masks, maps, *, max_fpr: float = DEFAULT_MAX_FPR) -> dict[str,
     """
     max_fpr = _check_max_fpr(max_fpr)
     bool_masks, float_maps = _validate_masks_and_maps(masks, maps)
-    pixel_labels = np.concatenate([mask.ravel() for mask in bool_masks])
+    pixel_labels, pixel_scores = _pooled_pixels(bool_masks, float_maps)
     if pixel_labels.all() or not pixel_labels.any():
         return {name: float("nan") for name in PIXEL_METRIC_NAMES}
-    pixel_scores = np.concatenate([anomaly_map.ravel() for anomaly_map in float_maps])
     average_precision, best_f1 = _ap_and_f1_max_checked(pixel_labels, pixel_scores)
     result = {"pixel_auroc": float(roc_auc_score(pixel_labels, pixel_scores)), "pixel_ap": average_precision,
               "pixel_f1max": best_f1}
     del pixel_labels, pixel_scores
     result["aupro"] = _aupro_validated(bool_masks, float_maps, max_fpr)
     return result
+
+
+def pixel_auroc(masks, maps) -> float:
+    """`pixel_metrics(masks, maps)["pixel_auroc"]` alone: the AP, F1-max and AUPRO it skips take
+    most of `pixel_metrics`' time, which matters where many subsets are scored (by defect type)."""
+    pixel_labels, pixel_scores = _pooled_pixels(*_validate_masks_and_maps(masks, maps))
+    if pixel_labels.all() or not pixel_labels.any():
+        return float("nan")
+    return float(roc_auc_score(pixel_labels, pixel_scores))
+
+
+def _pooled_pixels(bool_masks: list[np.ndarray], float_maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel of every image: labels (defective or not) and anomaly scores, flattened."""
+    return (np.concatenate([mask.ravel() for mask in bool_masks]),
+            np.concatenate([anomaly_map.ravel() for anomaly_map in float_maps]))
 
 
 # --------------------------------------------------------------------------------------------

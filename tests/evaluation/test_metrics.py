@@ -15,6 +15,7 @@ from iadgpt.evaluation import (
     f1_max,
     image_metrics,
     normalize_per_category,
+    pixel_auroc,
     pixel_metrics,
     pro_curve,
     summarize_over_seeds,
@@ -185,6 +186,7 @@ def test_pixel_metrics_match_sklearn_on_flattened_pixels_of_mixed_sizes():
     assert result["pixel_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     assert result["pixel_f1max"] == pytest.approx(brute_force_f1_max(labels, scores), abs=1e-12)
     assert result["aupro"] == pytest.approx(aupro(masks, maps), abs=1e-12)
+    assert pixel_auroc(masks, maps) == result["pixel_auroc"]
 
 
 def test_pixel_metrics_accept_stacked_arrays_and_0_255_masks():
@@ -219,6 +221,8 @@ def test_pixel_metrics_shape_mismatch_names_the_image():
 def test_pixel_metrics_bad_input_raises(masks, maps, message):
     with pytest.raises(ValueError, match=message):
         pixel_metrics(masks, maps)
+    with pytest.raises(ValueError, match=message):
+        pixel_auroc(masks, maps)
 
 
 def test_pixel_metrics_without_defects_or_without_normal_pixels_give_nan():
@@ -227,6 +231,8 @@ def test_pixel_metrics_without_defects_or_without_normal_pixels_give_nan():
     for result in (no_defects, all_defect):
         assert set(result) == {"pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"}
         assert all(math.isnan(v) for v in result.values())
+    assert math.isnan(pixel_auroc([np.zeros((4, 4), bool)] * 2, [np.ones((4, 4)), np.zeros((4, 4))]))
+    assert math.isnan(pixel_auroc([np.ones((4, 4), bool)], [np.arange(16.0).reshape(4, 4)]))
     assert math.isnan(aupro([np.zeros((3, 3), bool)], [np.ones((3, 3))]))
     with pytest.raises(ValueError, match="at least one defect region"):
         pro_curve([np.zeros((3, 3), bool)], [np.ones((3, 3))])
