@@ -55,9 +55,7 @@ def _mean_over_categories(values: list[float]) -> float:
 
 def run_metrics_by_kind(queries, records: dict[str, dict], key, classes: dict[str, str], truth) -> dict[str, float]:
     """The three metrics of one category in one (k, seed) run."""
-    by_class: dict[str, list] = {"normal": [], "local": [], "in_context": []}
-    for sample in queries:
-        by_class[classes[key(sample.image_path)]].append(sample)
+    by_class = _queries_by_class(queries, key, classes)
     result = {}
     for name, kind in (("image_auroc_local", "local"), ("image_auroc_in_context", "in_context")):
         chosen = by_class["normal"] + by_class[kind]
@@ -71,6 +69,14 @@ def run_metrics_by_kind(queries, records: dict[str, dict], key, classes: dict[st
         masks, maps = _masks_and_maps(chosen, records, key, truth)
         result["pixel_auroc"] = pixel_auroc(masks, maps)
     return result
+
+
+def _queries_by_class(queries, key, classes: dict[str, str]) -> dict[str, list]:
+    """The queries split into "normal", "local" and "in_context", each in the queries' order."""
+    by_class: dict[str, list] = {"normal": [], "local": [], "in_context": []}
+    for sample in queries:
+        by_class[classes[key(sample.image_path)]].append(sample)
+    return by_class
 
 
 def _masks_and_maps(samples, records: dict[str, dict], key, truth) -> tuple[list, list]:
@@ -89,8 +95,8 @@ def run_metrics_by_defect(queries, records: dict[str, dict], key, classes: dict[
     The maps are normalised once over the normal and all local-defect images (as for `pixel_auroc`
     in `run_metrics_by_kind`), then each type's images are scored with the normal ones.
     """
-    normal = [s for s in queries if classes[key(s.image_path)] == "normal"]
-    local = [s for s in queries if classes[key(s.image_path)] == "local"]
+    by_class = _queries_by_class(queries, key, classes)
+    normal, local = by_class["normal"], by_class["local"]
     if not local:
         return {}
     chosen = normal + local
