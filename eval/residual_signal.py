@@ -48,13 +48,13 @@ def parse_args() -> argparse.Namespace:
 def encode(model, processor, images, references: int = 0):
     """Per image: its visual tokens `[n, d]` and their patches `[n, unit, C]`; the token grid; and
     for the first `references` images the patches of their shifted copies, as the model's patch bank
-    gets them (`shifted_exemplar_patches`; none when the model has no `exemplar_shifts`)."""
+    gets them (`encode_shifted_copies`; none when the model has no `exemplar_shifts`)."""
     inputs = processor.image_processor(images=[Image.fromarray(x) for x in images], return_tensors="pt")
     with torch.no_grad():
         encoded = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
     shifted = []
     if model.iadgpt.exemplar_shifts:
-        shifted = model.shifted_exemplar_patches(encoded.pixels_per_image[:references])
+        shifted, _ = model.encode_shifted_copies(encoded.pixels_per_image[:references])
     _, h, w = inputs["image_grid_thw"][0].tolist()
     merge = model.config.vision_config.spatial_merge_size
     return list(encoded.pooler_output), encoded.patches_per_token, (h // merge, w // merge), shifted

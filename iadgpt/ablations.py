@@ -7,17 +7,20 @@ Which parts of IADGPT matter, measured on the quickstart's own held-out categori
   without stage 1, without stage 2, without multi-layer vision fusion (the last vision block
   only), with the attention map from the last LLM layer only, without the pixel loss, without
   the in-context residuals (`iadgpt.model.residuals`, beyond the paper), with the residuals
-  given to the language model only (not added to the scores: setting `residual_scores`), and
-  without the half-patch-shifted exemplars in the residuals' patch bank (`exemplar_shifts`);
+  given to the language model only (not added to the scores: setting `residual_scores`),
+  without the half-patch-shifted exemplars in the residuals' patch bank (`exemplar_shifts`), with
+  the map's evidence on the patch grid instead of the half-patch lattice (`query_shifts`), and with
+  the attention map added to the evidence in the map (`map_attention_weight` 1);
 * exemplar retention 100 / 40 / 20 / 10 / 5 %: the quickstart's model evaluated with that share of
   each non-reference exemplar's visual tokens kept (inference only; it was trained at 20 %).
 
 Every row scores exactly the quickstart's k = 2 references and queries (its manifest, cut to k = 2).
 Variants live in OUT/ablations/<name>/ (each a resumable quickstart run sharing OUT's data), the
 table in OUT/ablations/ablations.md and .json. Each trained variant takes about the quickstart's own
-wall time (12-14.5 minutes after a 15-minute one), each retention row well under a minute: about
-1.5 hours in one process, 45 minutes measured with the variants split over two processes on 2 CPU
-cores (`--variants`, then one final `--ablations` that reuses them and writes the table).
+wall time (about 13 minutes after a 15-minute one), each retention row well under a minute: ten
+variants, about 2.3 hours in one process; with the variants split over two processes on 2 CPU cores
+(`--variants`, then one final `--ablations` that reuses them and writes the table), eight variants
+took about an hour (docs/quickstart-experiments.md section 15), ten take about 70 minutes.
 """
 
 from __future__ import annotations
@@ -34,11 +37,16 @@ TRAINED_VARIANTS: dict[str, tuple[str, dict]] = {
     "last_layer_map": ("attention map from the last LLM layer only", {"iadgpt": {"attention_map_layers": "last"}}),
     "no_pixel_loss": ("without the focal + Dice pixel loss", {"iadgpt": {"pixel_loss_weight": 0.0}}),
     "no_residuals": ("without the in-context residuals (and their evidence and shifted exemplars)",
-                     {"iadgpt": {"in_context_residuals": False, "residual_scores": False, "exemplar_shifts": 0}}),
-    "no_residual_scores": ("residuals for the language model only, not in the scores",
-                           {"iadgpt": {"residual_scores": False}}),
+                     {"iadgpt": {"in_context_residuals": False, "residual_scores": False, "exemplar_shifts": 0,
+                                 "query_shifts": 0}}),
+    "no_residual_scores": ("residuals for the language model only, not in the scores or the map",
+                           {"iadgpt": {"residual_scores": False, "query_shifts": 0}}),
     "no_exemplar_shifts": ("without the half-patch-shifted exemplars in the patch bank",
                            {"iadgpt": {"exemplar_shifts": 0}}),
+    "no_query_shifts": ("the map's evidence on the patch grid, not the half-patch lattice",
+                        {"iadgpt": {"query_shifts": 0}}),
+    "attention_in_map": ("the attention map's logit added to the evidence in the map (weight 1)",
+                         {"iadgpt": {"map_attention_weight": 1.0}}),
 }
 RETENTIONS = (1.0, 0.4, 0.2, 0.1, 0.05)
 ABLATION_SHOTS = (2,)

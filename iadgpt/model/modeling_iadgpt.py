@@ -25,8 +25,11 @@ from .fusion import VisualLayerFusion
 from .losses import dice_loss, focal_loss
 from .residuals import (
     EXEMPLAR_SHIFTS,
+    QUERY_SHIFTS,
     InContextResidual,
     ResidualEvidence,
+    lattice_evidence,
+    patch_grid,
     patches_per_token,
     pixels_per_image,
     residual_features,
@@ -186,34 +189,50 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         if grid_thw is not None and getattr(output, "last_hidden_state", None) is not None:
             output.patches_per_token = patches_per_token(output.last_hidden_state, grid_thw, self.config.vision_config)
-            if self.iadgpt.exemplar_shifts:  # the exemplars' pixels, to encode them shifted (exemplar_shifts)
+            if self.iadgpt.exemplar_shifts or self.iadgpt.query_shifts:  # the pixels, to encode them shifted
                 pixel_values = kwargs.get("hidden_states", args[0] if args else None)
                 output.pixels_per_image = list(zip(pixels_per_image(pixel_values, grid_thw), grid_thw))
         return output
 
     @torch.no_grad()
-    def shifted_exemplar_patches(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Per exemplar image (its `pixel_values` rows and `[3]` grid), the `[shifts * n, unit, C]`
-        vision patches of its half-patch-shifted copies (`exemplar_shifts`), in one vision-tower call.
+    def encode_shifted_copies(self, exemplars: list[tuple[torch.Tensor, torch.Tensor]],
+                              queries: list[tuple[torch.Tensor, torch.Tensor]] = ()
+                              ) -> tuple[list[torch.Tensor], list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Half-patch-shifted copies of images (their `pixel_values` rows and `[3]` grid), in one
+        vision-tower call: of the exemplars with `exemplar_shifts` (returned per exemplar as the
+        `[shifts * n, unit, C]` vision patches of all its copies, for the patch bank) and of the
+        queries with `query_shifts` (returned per query as `(tokens [n, d], patches [n, unit, C])`
+        per copy, in QUERY_SHIFTS order, for the map's half-patch lattice).
 
-        In training every forward makes this call (on a tiny blank image when the batch has no
-        exemplar), so every rank runs the vision tower equally often (ZeRO-3 gathers collectively).
+        In training every forward makes this call (on a tiny blank image when there is nothing to
+        shift), so every rank runs the vision tower equally often (ZeRO-3 gathers collectively).
         """
         visual = self.model.visual
-        shifts = EXEMPLAR_SHIFTS[self.iadgpt.exemplar_shifts]
-        if not images:
+        vision = self.config.vision_config
+        exemplar_shifts = EXEMPLAR_SHIFTS[self.iadgpt.exemplar_shifts] if self.iadgpt.exemplar_shifts else ()
+        exemplars = list(exemplars) if exemplar_shifts else []
+        queries = list(queries) if self.iadgpt.query_shifts else []
+        pieces = [shifted_image_pixels(torch.cat([p for p, _ in images]), torch.stack([g for _, g in images]), vision,
+                                       shifts)
+                  for images, shifts in ((exemplars, exemplar_shifts), (queries, QUERY_SHIFTS)) if images]
+        if not pieces:
             if self.training:
-                merge = self.config.vision_config.spatial_merge_size
+                merge = vision.spatial_merge_size
                 blank = torch.zeros(merge * merge, visual.patch_embed.proj.weight[0].numel(), device=visual.device,
                                     dtype=visual.dtype)
                 visual(blank, grid_thw=torch.tensor([[1, merge, merge]], device=visual.device))
-            return []
-        pixel_values, grid_thw = shifted_image_pixels(torch.cat([p for p, _ in images]),
-                                                      torch.stack([g for _, g in images]),
-                                                      self.config.vision_config, shifts)
-        encoded = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
-        per_copy = encoded.patches_per_token
-        return [torch.cat(per_copy[i * len(shifts):(i + 1) * len(shifts)]) for i in range(len(images))]
+            return [], []
+        grid_thw = torch.cat([grids for _, grids in pieces])
+        encoded = visual(torch.cat([pixels for pixels, _ in pieces]).type(visual.dtype), grid_thw=grid_thw)
+        unit = vision.spatial_merge_size ** 2
+        tokens = encoded.pooler_output.split((grid_thw.prod(-1) // unit).tolist())
+        copies = list(zip(tokens, encoded.patches_per_token))
+        per_exemplar, step = len(exemplar_shifts), len(QUERY_SHIFTS)
+        exemplar_copies = [torch.cat([patches for _, patches in copies[i * per_exemplar:(i + 1) * per_exemplar]])
+                           for i in range(len(exemplars))]
+        first_query = len(exemplars) * per_exemplar
+        query_copies = [copies[first_query + i * step:first_query + (i + 1) * step] for i in range(len(queries))]
+        return exemplar_copies, query_copies
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -386,8 +405,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 result.score_loss = self.answer_score_loss(result.logits, labels)
                 result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
             result = self._with_unused_residual(result, used=False)
-            if self.iadgpt.exemplar_shifts and not cached:
-                self.shifted_exemplar_patches([])  # as a batch with exemplars would (ZeRO-3)
+            if (self.iadgpt.exemplar_shifts or self.iadgpt.query_shifts) and not cached:
+                self.encode_shifted_copies([])  # as a batch with images would (ZeRO-3)
             return self._with_dummy_image(result, dummy_pixel_values, dummy_image_grid_thw)
         if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
             raise ValueError("Exemplar compression, in-context residuals and pixel maps work on images; videos are "
@@ -442,16 +461,22 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if len(roles) != len(image_embeds):
             raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
         distances: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per query image, see _add_in_context_residuals
+        shifted_distances: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # ... and of its shifted copies
         if self.iadgpt.in_context_residuals:
-            image_embeds, distances = self._add_in_context_residuals(list(image_embeds), counts, roles, image_patches,
-                                                                     image_pixels)
+            image_embeds, distances, shifted_distances = self._add_in_context_residuals(
+                list(image_embeds), counts, roles, image_patches, image_pixels, map_samples)
         patch_evidence: dict[int, torch.Tensor] = {}  # per query image, [n, unit] evidence of its patches
         image_evidence: dict[int, torch.Tensor] = {}  # per query image, its image evidence
+        shifted_evidence: dict[int, list[torch.Tensor]] = {}  # per query image, that of its shifted copies' patches
         residual_logits = None
         if self.iadgpt.residual_scores and distances:
-            per_patch, per_image = self.residual_evidence(*map(list, zip(*distances.values())))
+            # One call for the query images and their shifted copies (see ResidualEvidence).
+            copies = [copy for g in shifted_distances for copy in shifted_distances[g]]
+            per_patch, per_image = self.residual_evidence(*map(list, zip(*distances.values(), *copies)))
             patch_evidence = dict(zip(distances, per_patch))
-            image_evidence = dict(zip(distances, per_image))
+            image_evidence = dict(zip(distances, per_image))  # the copies' image evidence is not used
+            copy_evidence = iter(per_patch[len(distances):])
+            shifted_evidence = {g: [next(copy_evidence) for _ in QUERY_SHIFTS] for g in shifted_distances}
             residual_logits = per_image.new_zeros(batch)  # per sample: filled in below
 
         # 2. Embed the text and scatter the images into it, exactly as Qwen2.5-VL does.
@@ -476,7 +501,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         query_mask = torch.zeros_like(keep)
         query_grid: list[tuple[int, int] | None] = []
         query_end = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-        map_evidence: list[torch.Tensor | None] = [None] * batch  # the query's patch evidence, per sample
+        map_evidence: list[torch.Tensor | None] = [None] * batch  # the query's patch evidence map, per sample
         merge = cfg.vision_config.spatial_merge_size
         image_index = 0
         for b, sample_spans in enumerate(spans):
@@ -508,7 +533,9 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 query_end[b] = end
                 _, h, w = image_grid_thw[g].tolist()
                 query_grid.append((h // merge, w // merge))
-                map_evidence[b] = patch_evidence.get(g)
+                if g in patch_evidence:
+                    map_evidence[b] = self._evidence_map(patch_evidence[g], shifted_evidence.get(g), h // merge,
+                                                         w // merge)
 
         # 5. Word rows for the pixel maps: prompt words after the query image (they can attend to it).
         if want_maps:
@@ -574,29 +601,53 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             result.loss = result.loss + 0.0 * (residual_logits.sum() + sum(t.sum() for t in patch_evidence.values()))
         return self._with_unused_residual(result, bool(distances))
 
+    def _evidence_map(self, evidence: torch.Tensor, shifted: list[torch.Tensor] | None, height: int,
+                      width: int) -> torch.Tensor:
+        """The map's residual evidence from a query's `[n, unit]` per-patch evidence: on its patch grid
+        `[height * m, width * m]`, or with its shifted copies' (`query_shifts`) on the half-patch
+        lattice `[2 height m, 2 width m]`."""
+        merge = self.config.vision_config.spatial_merge_size
+        grid = patch_grid(evidence.float(), height, width, merge)
+        if shifted is None:
+            return grid
+        grids = {(0, 0): grid}
+        grids.update({shift: patch_grid(copy.float(), height, width, merge) for shift, copy in zip(QUERY_SHIFTS, shifted)})
+        return lattice_evidence(grids)
+
     def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
                                   roles: list[int], image_patches: list[torch.Tensor] | None,
-                                  image_pixels: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-                                  ) -> tuple[list[torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+                                  image_pixels: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                                  map_samples: list[bool] | None = None):
         """Each query image's tokens plus their residual embeddings against all exemplar tokens and
         patches of its sample (`iadgpt.model.residuals`; with `exemplar_shifts`, the patch bank also
-        holds the exemplars' shifted patches); samples without exemplars are left as they are. Also
-        returns, by image index, the `[n, 3]` distances and `[n, unit]` patch distances of each query
-        image that had exemplars."""
+        holds the exemplars' shifted patches); samples without exemplars are left as they are.
+
+        Returns (the image embeddings; by query image index, the `[n, 3]` distances and `[n, unit]`
+        patch distances of each query image that had exemplars; with `query_shifts`, by the index of
+        each such query whose sample's map is drawn (`map_samples`), the same for its shifted copies,
+        in QUERY_SHIFTS order).
+        """
         starts = [sum(counts[:i]) for i in range(len(counts))]
         samples = [range(start, start + count) for start, count in zip(starts, counts)]
-        used = [m for m in samples
+        used = [b for b, m in enumerate(samples)
                 if any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m)]
-        shifted: dict[int, torch.Tensor] = {}
-        if self.iadgpt.exemplar_shifts:
-            exemplars = [g for m in used for g in m if roles[g] == ROLE_EXEMPLAR]
-            if exemplars and (image_pixels is None or len(image_pixels) != len(image_embeds)):
-                raise ValueError("exemplar_shifts needs the exemplars' pixels, which this model's image encoder adds "
-                                 "to its output (`pixels_per_image`): pass pixel_values, or mm_encoder_outputs "
-                                 "straight from model.get_image_features(..., return_dict=True) of these images.")
-            shifted = dict(zip(exemplars, self.shifted_exemplar_patches([image_pixels[g] for g in exemplars])))
+        exemplar_copies: dict[int, torch.Tensor] = {}
+        query_copies: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        if self.iadgpt.exemplar_shifts or self.iadgpt.query_shifts:
+            exemplars = [g for b in used for g in samples[b] if roles[g] == ROLE_EXEMPLAR]
+            exemplars = exemplars if self.iadgpt.exemplar_shifts else []
+            queries = [g for b in used if map_samples is not None and map_samples[b]
+                       for g in samples[b] if roles[g] == ROLE_QUERY] if self.iadgpt.query_shifts else []
+            if (exemplars or queries) and (image_pixels is None or len(image_pixels) != len(image_embeds)):
+                raise ValueError("exemplar_shifts / query_shifts need the images' pixels, which this model's image "
+                                 "encoder adds to its output (`pixels_per_image`): pass pixel_values, or "
+                                 "mm_encoder_outputs straight from model.get_image_features(..., return_dict=True) "
+                                 "of these images.")
+            shifted_exemplars, shifted_queries = self.encode_shifted_copies([image_pixels[g] for g in exemplars],
+                                                                            [image_pixels[g] for g in queries])
+            exemplar_copies, query_copies = dict(zip(exemplars, shifted_exemplars)), dict(zip(queries, shifted_queries))
         if not used:
-            return image_embeds, {}
+            return image_embeds, {}, {}
         patches = image_patches
         if patches is None or len(patches) != len(image_embeds):
             raise ValueError("In-context residuals need each image's vision patches, which this model's image encoder "
@@ -604,12 +655,14 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                              "straight from model.get_image_features(..., return_dict=True) of these images "
                              "(generate() with num_beams > 1 or num_return_sequences > 1 is not supported).")
         queries, residuals, distances, patch_distances = [], [], [], []
+        copy_distances: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for members in samples:
             exemplars = [g for g in members if roles[g] == ROLE_EXEMPLAR]
             if not exemplars:
                 continue
             bank = torch.cat([image_embeds[g] for g in exemplars])
-            patch_bank = torch.cat([patches[g] for g in exemplars] + [shifted[g] for g in exemplars if g in shifted])
+            patch_bank = torch.cat([patches[g] for g in exemplars] + [exemplar_copies[g] for g in exemplars
+                                                                       if g in exemplar_copies])
             for g in members:
                 if roles[g] == ROLE_QUERY:
                     residual, distance, patch_distance = residual_features(image_embeds[g], bank, patches[g],
@@ -618,11 +671,14 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     residuals.append(residual)
                     distances.append(distance)
                     patch_distances.append(patch_distance)
+                    if g in query_copies:
+                        copy_distances[g] = [residual_features(tokens, bank, copy, patch_bank)[1:]
+                                             for tokens, copy in query_copies[g]]
         # One call for the whole batch (see InContextResidual).
         added = self.in_context_residual(torch.cat(residuals), torch.cat(distances))
         for g, piece in zip(queries, added.split([r.shape[0] for r in residuals])):
             image_embeds[g] = image_embeds[g] + piece.to(image_embeds[g].dtype)
-        return image_embeds, dict(zip(queries, zip(distances, patch_distances)))
+        return image_embeds, dict(zip(queries, zip(distances, patch_distances))), copy_distances
 
     def _word_rows(self, input_ids, labels, query_end, anomaly_word_mask, normal_word_mask, map_samples=None):
         if anomaly_word_mask is None or normal_word_mask is None:
@@ -686,11 +742,10 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             result.anomaly_maps.append(a)
             result.normal_maps.append(n)
             scores = pixel_anomaly_probability(a, n if has_normal[b] else None)
-            if evidence[b] is not None:  # residual evidence, in logit space, per vision patch
-                m = self.config.vision_config.spatial_merge_size
-                patches = evidence[b].float().view(h, w, m, m).transpose(1, 2).reshape(h * m, w * m)
-                fine = scores.repeat_interleave(m, 0).repeat_interleave(m, 1)
-                scores = torch.sigmoid(torch.logit(fine, eps=1e-6) + patches)
+            if evidence[b] is not None:  # residual evidence, in logit space, per patch or half-patch cell
+                cells = evidence[b].shape[0] // h
+                fine = scores.repeat_interleave(cells, 0).repeat_interleave(cells, 1)
+                scores = torch.sigmoid(self.iadgpt.map_attention_weight * torch.logit(fine, eps=1e-6) + evidence[b])
             result.pixel_scores.append(scores)
         if pixel_masks is None:
             return

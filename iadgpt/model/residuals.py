@@ -20,6 +20,8 @@ linear in the distances) can single out for the Yes/No answer and for the anomal
 The patches sit on a fixed grid, so a product at another offset modulo the patch size straddles its
 nearest exemplar patches; `shifted_image_pixels` moves the exemplars by half a patch so their
 shifted patches can join the bank (setting `exemplar_shifts`), as PatchCore's overlapping windows do.
+For the pixel map, the query itself can be encoded moved by half a patch (setting `query_shifts`):
+`lattice_evidence` then scores each half-patch cell from the four overlapping patches that cover it.
 """
 
 from __future__ import annotations
@@ -144,6 +146,37 @@ def shifted_image_pixels(pixel_values: torch.Tensor, grid_thw: torch.Tensor, vis
                           .permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * h * w, -1))
             grids.append((t, h, w))
     return torch.cat(copies), torch.tensor(grids, dtype=grid_thw.dtype, device=grid_thw.device)
+
+
+QUERY_SHIFTS = EXEMPLAR_SHIFTS[3]
+"""Half-patch shifts (rows, columns) of a query whose map is drawn on the half-patch lattice (`query_shifts`)."""
+
+
+def lattice_evidence(evidence_by_shift: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+    """`[2H, 2W]` map on the half-patch lattice from `[H, W]` per-patch evidence of the query's own
+    grid, key (0, 0), and of its copies moved by (rows, columns) half patches (`shifted_image_pixels`).
+
+    Each cell, half a patch on a side, gets the mean evidence of the patch of every grid that covers
+    it: overlapping windows, as PatchCore scores a pixel from every patch around it. Patch i of a
+    grid moved down by r half patches covers cells 2i - r and 2i + 1 - r, so cell n lies in its patch
+    (n + r) // 2; a moved grid does not reach the last cell (its last half patch is edge padding),
+    which takes the grid's last patch.
+    """
+    height, width = evidence_by_shift[(0, 0)].shape
+    device = evidence_by_shift[(0, 0)].device
+    rows, cols = torch.arange(2 * height, device=device), torch.arange(2 * width, device=device)
+    total = 0.0
+    for (down, right), grid in evidence_by_shift.items():
+        covering_rows = ((rows + down) // 2).clamp(max=height - 1)
+        covering_cols = ((cols + right) // 2).clamp(max=width - 1)
+        total = total + grid[covering_rows][:, covering_cols]
+    return total / len(evidence_by_shift)
+
+
+def patch_grid(per_token: torch.Tensor, height: int, width: int, merge: int) -> torch.Tensor:
+    """`[height * merge, width * merge]` image layout of `[tokens, merge * merge]` per-patch values
+    (each merged token's patches row by row, tokens row by row)."""
+    return per_token.view(height, width, merge, merge).transpose(1, 2).reshape(height * merge, width * merge)
 
 
 def pixels_per_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:

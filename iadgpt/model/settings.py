@@ -65,6 +65,22 @@ class IADGPTSettings:
     another offset modulo the patch size does not look anomalous at every patch. The copies are
     encoded without gradients and never enter the prompt: they cost vision-tower forward passes only
     (`iadgpt.model.residuals.shifted_image_pixels`)."""
+    query_shifts: int = 0
+    """Beyond the paper (PatchCore's overlapping patches, for the map): with `residual_scores`, a query
+    whose pixel map is drawn is also encoded moved by half a vision patch (3: right, down and
+    diagonally; 0: off), and each half-patch cell of the map gets the mean residual evidence of the
+    four patches, one per grid, that cover it. The map's evidence then comes from overlapping
+    windows on a half-patch lattice instead of a fixed grid that cuts defects across, and the map
+    is twice as fine. The copies are encoded without gradients, only for the map; the image score
+    and the language model's input are unchanged (`iadgpt.model.residuals.lattice_evidence`)."""
+    map_attention_weight: float = 1.0
+    """With `residual_scores`, the weight of the attention map's logit in a map that has residual
+    evidence: sigmoid(weight * logit(attention map) + evidence). 1.0 adds the two as they are; 0
+    leaves the map of a query with exemplars to the evidence, which compares it with them patch by
+    patch on one scale for every image, while the attention map, normalised per image, still draws
+    (and is trained on) the maps of queries without exemplars. The quickstart uses 0: on its
+    held-out products the attention cost the map 0.4-3 points of pixel AUROC
+    (docs/quickstart-experiments.md section 16)."""
     attention_map_layers: list[int] | None = None
     """LLM layers whose attention gives the pixel map. None: four evenly spaced layers ending at
     the last (paper: 7, 14, 21, 28 of 28)."""
@@ -110,6 +126,14 @@ class IADGPTSettings:
         if self.exemplar_shifts and not self.in_context_residuals:
             raise ValueError("exemplar_shifts adds shifted exemplar patches to the in-context residuals' bank: it "
                              "needs in_context_residuals=True.")
+        if self.query_shifts not in (0, 3):
+            raise ValueError(f"query_shifts={self.query_shifts}: allowed are 0 (off) and 3 half-patch shifts.")
+        if self.query_shifts and not self.residual_scores:
+            raise ValueError("query_shifts draws the pixel map's residual evidence on a half-patch lattice: it needs "
+                             "residual_scores=True.")
+        if not 0.0 <= float(self.map_attention_weight):
+            raise ValueError(f"map_attention_weight={self.map_attention_weight} is negative: it weighs the attention "
+                             "map's logit in the map (1.0: as it is; 0: the residual evidence alone).")
         if not self.anomaly_words:
             raise ValueError("anomaly_words is empty: the pixel map needs at least one anomaly word.")
 

@@ -205,9 +205,9 @@ def test_the_residual_module_runs_once_per_training_forward_whatever_the_batch(t
 EVIDENCE = {**RESIDUALS, "residual_scores": True}
 
 
-def evidence_model(checkpoint, seed: int = 0):
+def evidence_model(checkpoint, seed: int = 0, **settings):
     """A model with residual scores whose residual and evidence weights are random (both start at zero)."""
-    model = residual_model(checkpoint, seed, residual_scores=True)
+    model = residual_model(checkpoint, seed, residual_scores=True, **settings)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for weight in model.residual_evidence.parameters():
@@ -433,5 +433,123 @@ def test_shifted_exemplars_cost_one_more_vision_call_per_training_forward_whatev
     ({"in_context_residuals": True, "exemplar_shifts": 4}, "allowed are 0 \\(off\\), 3 and 8"),
 ])
 def test_exemplar_shifts_settings_are_checked(tiny_checkpoint, settings, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(tiny_checkpoint, iadgpt=settings)
+
+
+# -- the map's half-patch lattice (query_shifts) -------------------------------------------------------
+
+def test_lattice_evidence_averages_the_patch_of_every_grid_that_covers_each_cell():
+    """Reference from pixel coordinates: the cell's centre, and the patch of each grid (moved down /
+    right by half a patch) that contains it; the moved grids' last half patch is edge padding, whose
+    cells take the grid's last patch."""
+    from iadgpt.model.residuals import QUERY_SHIFTS, lattice_evidence
+
+    generator = torch.Generator().manual_seed(0)
+    height, width, patch = 3, 4, 10
+    grids = {shift: torch.randn(height, width, generator=generator) for shift in ((0, 0),) + QUERY_SHIFTS}
+    expected = torch.zeros(2 * height, 2 * width)
+    for n in range(2 * height):
+        for q in range(2 * width):
+            y, x = (n + 0.5) * patch / 2, (q + 0.5) * patch / 2
+            for (down, right), grid in grids.items():
+                i = min(int((y + down * patch / 2) // patch), height - 1)
+                j = min(int((x + right * patch / 2) // patch), width - 1)
+                expected[n, q] += grid[i, j] / len(grids)
+    torch.testing.assert_close(lattice_evidence(grids), expected)
+
+
+def test_query_shifts_draw_the_map_evidence_on_the_half_patch_lattice(tiny_checkpoint, tiny_processor, random_image):
+    """Reference: the query moved by half a patch, scored as a query of its own against the same
+    exemplars, gives each shifted grid's patch evidence; the map is sigmoid(logit(p) + lattice
+    evidence) on cells of half a patch, p the token map. The image score and the language model's
+    input do not change."""
+    from iadgpt.model.residuals import QUERY_SHIFTS, lattice_evidence, patch_grid
+
+    exemplars, query = [random_image(), random_image()], random_image(112, 168)
+    inputs = detection_inputs(tiny_processor, [exemplars], [query])
+    lattice = evidence_model(tiny_checkpoint, query_shifts=3)
+    grid = evidence_model(tiny_checkpoint)  # the same weights
+    tokens_only = residual_model(tiny_checkpoint)  # the same residual weights, no evidence: p
+    with torch.no_grad():
+        out, plain, p = (m(**inputs, pixel_maps=True, logits_to_keep=2) for m in (lattice, grid, tokens_only))
+    torch.testing.assert_close(out.logits, plain.logits)
+    torch.testing.assert_close(out.residual_logits, plain.residual_logits)
+    torch.testing.assert_close(language_model_inputs(lattice, inputs), language_model_inputs(grid, inputs))
+
+    half = lattice.config.vision_config.patch_size // 2
+    h, w = p.pixel_scores[0].shape
+    evidence = {}
+    for shift in ((0, 0),) + QUERY_SHIFTS:
+        moved_inputs = detection_inputs(tiny_processor, [exemplars], [moved(query, *shift, half)])
+        distances, patch_distances = query_distances(grid, moved_inputs, [0, 1], 2)
+        with torch.no_grad():
+            per_patch, _ = grid.residual_evidence([distances], [patch_distances])
+        evidence[shift] = patch_grid(per_patch[0], h, w, 2)
+    tokens = torch.logit(p.pixel_scores[0], eps=1e-6).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    expected = torch.sigmoid(tokens + lattice_evidence(evidence))
+    assert out.pixel_scores[0].shape == (4 * h, 4 * w)
+    torch.testing.assert_close(out.pixel_scores[0], expected, atol=1e-5, rtol=1e-5)
+    # the copies changed the map: it is not the patch grid's map at twice the resolution
+    on_the_grid = plain.pixel_scores[0].repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert (torch.logit(out.pixel_scores[0]) - torch.logit(on_the_grid)).abs().max() > 0.1
+
+
+def test_query_shifts_add_the_map_queries_copies_to_the_one_extra_vision_call_and_learn(
+        tiny_checkpoint, tiny_processor, random_image):
+    """ZeRO-3: still one extra vision call per training forward; it holds the shifted exemplars and,
+    for samples whose map is trained, the shifted query. The pixel loss reaches the evidence weights."""
+    model = evidence_model(tiny_checkpoint, exemplar_shifts=3, query_shifts=3).train()
+    calls = []
+    model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs.get("grid_thw", args[-1]).shape[0]), with_kwargs=True)
+    inputs = detection_inputs(tiny_processor, [[random_image(), random_image()]], [random_image()])
+    labels = torch.full_like(inputs["input_ids"], -100)  # the prompt's anomaly words stay prompt words
+    labels[:, -1] = inputs["input_ids"][:, -1]
+    mask = torch.zeros(112, 112)
+    mask[30:60, 40:80] = 1
+    for masks, images in ((None, [3, 6]), ([mask], [3, 9])):
+        calls.clear()
+        model.zero_grad()
+        out = model(**inputs, labels=labels, pixel_masks=masks)
+        out.loss.backward()
+        assert calls == images  # images per vision call
+    assert out.pixel_scores[0].shape == (4 * 4, 4 * 4)  # 112 px: 4 x 4 tokens, 16 x 16 half-patch cells
+    assert model.residual_evidence.patch_weight.grad.abs().sum() > 0
+
+
+def test_map_attention_weight_scales_the_attention_logit_where_there_is_evidence(tiny_checkpoint, tiny_processor,
+                                                                                 random_image):
+    """Reference: sigmoid(w logit(p) + evidence), the evidence read off the map with weight 1 (the
+    same weights); a sample without exemplars keeps the attention map p."""
+    weighted = evidence_model(tiny_checkpoint, map_attention_weight=0.25)
+    unweighted = evidence_model(tiny_checkpoint)
+    tokens_only = residual_model(tiny_checkpoint)
+    with torch.no_grad():
+        for model in (weighted, unweighted, tokens_only):  # a random model's attention is near uniform: sharpen it
+            for layer in model.model.language_model.layers:
+                layer.self_attn.q_proj.weight.mul_(30)
+        for model in (weighted, unweighted):  # evidence of a few logits, not saturating the map
+            for weight in model.residual_evidence.parameters():
+                weight.mul_(0.01)
+    for exemplars in ([random_image(), random_image()], []):
+        inputs = detection_inputs(tiny_processor, [exemplars], [random_image()])
+        with torch.no_grad():
+            out, one, p = (m(**inputs, pixel_maps=True) for m in (weighted, unweighted, tokens_only))
+        if not exemplars:
+            torch.testing.assert_close(out.pixel_scores[0], p.pixel_scores[0])
+            continue
+        attention = torch.logit(p.pixel_scores[0], eps=1e-6).repeat_interleave(2, 0).repeat_interleave(2, 1)
+        evidence = torch.logit(one.pixel_scores[0]) - attention
+        torch.testing.assert_close(torch.logit(out.pixel_scores[0]), 0.25 * attention + evidence, atol=1e-4, rtol=0)
+        assert attention.abs().max() > 0.01  # the attention map is not flat: the weight shows
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({**EVIDENCE, "map_attention_weight": -1.0}, "map_attention_weight=-1.0 is negative"),
+    ({"in_context_residuals": True, "query_shifts": 3}, "needs residual_scores=True"),
+    ({**EVIDENCE, "query_shifts": 8}, "allowed are 0 \\(off\\) and 3"),
+])
+def test_query_shifts_and_map_attention_weight_settings_are_checked(tiny_checkpoint, settings, message):
     with pytest.raises(ValueError, match=message):
         load_model(tiny_checkpoint, iadgpt=settings)
