@@ -186,7 +186,7 @@ def test_command_line_refuses_bad_ablation_variants_before_any_work(tmp_path):
     from iadgpt.cli import main
 
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"unknown ablation variants \['no_stage4'\]; allowed: \['last_layer_map'"):
+    with pytest.raises(SystemExit, match=r"unknown ablation variants \['no_stage4'\]; allowed: \['attention_in_map', 'last_layer_map'"):
         main(["quickstart", "--out", str(out), "--ablations", "--variants", "no_fusion,no_stage4"])
     with pytest.raises(SystemExit, match="--variants chooses ablation variants: add --ablations"):
         main(["quickstart", "--out", str(out), "--variants", "no_fusion"])
