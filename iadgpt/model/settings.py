@@ -80,8 +80,8 @@ class IADGPTSettings:
     patch on one scale for every image, while the attention map, normalised per image, still draws
     (and is trained on) the maps of queries without exemplars. The quickstart uses 0: on its
     held-out products, leaving the attention out of trained models' maps gained 0.4-3 points of
-    pixel AUROC, and training so beat w = 0.25 on three seeds of four; one trained ablation (seed 0)
-    found no gain (docs/quickstart-experiments.md section 16)."""
+    pixel AUROC, training so beat w = 0.25 on three seeds of four, and w = 1 on two of three
+    (docs/quickstart-experiments.md section 16)."""
     attention_map_layers: list[int] | None = None
     """LLM layers whose attention gives the pixel map. None: four evenly spaced layers ending at
     the last (paper: 7, 14, 21, 28 of 28)."""
