@@ -10,17 +10,18 @@ Which parts of IADGPT matter, measured on the quickstart's own held-out categori
   given to the language model only (not added to the scores: setting `residual_scores`),
   without the half-patch-shifted exemplars in the residuals' patch bank (`exemplar_shifts`), with
   the map's evidence on the patch grid instead of the half-patch lattice (`query_shifts`), and with
-  the attention map added to the evidence in the map (`map_attention_weight` 1);
+  the attention map added to the evidence in the map (`map_attention_weight` 1), and with the vision
+  encoder trained in stages 1 and 2 as well (the quickstart's `frozen_vision_stages`);
 * exemplar retention 100 / 40 / 20 / 10 / 5 %: the quickstart's model evaluated with that share of
   each non-reference exemplar's visual tokens kept (inference only; it was trained at 20 %).
 
 Every row scores exactly the quickstart's k = 2 references and queries (its manifest, cut to k = 2).
 Variants live in OUT/ablations/<name>/ (each a resumable quickstart run sharing OUT's data), the
 table in OUT/ablations/ablations.md and .json. Each trained variant takes about the quickstart's own
-wall time (about 13 minutes after a 15-minute one), each retention row well under a minute: ten
-variants, about 2.3 hours in one process; with the variants split over two processes on 2 CPU cores
+wall time (about 13 minutes after a 15-minute one), each retention row well under a minute: eleven
+variants, about 2.5 hours in one process; with the variants split over two processes on 2 CPU cores
 (`--variants`, then one final `--ablations` that reuses them and writes the table), eight variants
-took about an hour (docs/quickstart-experiments.md section 15), ten take about 70 minutes.
+took about an hour (docs/quickstart-experiments.md section 15), eleven take about 80 minutes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ TRAINED_VARIANTS: dict[str, tuple[str, dict]] = {
                         {"iadgpt": {"query_shifts": 0}}),
     "attention_in_map": ("the attention map's logit added to the evidence in the map (weight 1)",
                          {"iadgpt": {"map_attention_weight": 1.0}}),
+    "trained_vision": ("the vision encoder trained in stages 1 and 2 too (not frozen)", {"frozen_vision_stages": ()}),
 }
 RETENTIONS = (1.0, 0.4, 0.2, 0.1, 0.05)
 ABLATION_SHOTS = (2,)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from iadgpt.quickstart import (
     BudgetTooShortError,
@@ -167,6 +168,29 @@ def test_fixed_step_counts_are_trained_and_bad_ones_refused(finished_run):
         assert json.loads((out / "runs" / f"stage{stage}" / "train_summary.json").read_text())["steps"] == steps
     with pytest.raises(QuickstartError, match=r"stage_steps must be three positive step counts .* got \(10, 0, 5\)"):
         test_size_settings(stage_steps=(10, 0, 5))
+
+
+def test_frozen_stages_leave_the_vision_encoder_as_it_was(finished_run):
+    """Stages 1 and 2 freeze the encoder (patch embedding and blocks), not the merger or the
+    fusion weights; stage 3 trains it."""
+    from safetensors.torch import load_file
+
+    out, _, _ = finished_run
+    assert test_size_settings().frozen_vision_stages == (1, 2)
+
+    def vision(folder):
+        return {k: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith("visual.")}
+
+    init, stage1, stage2, stage3 = (vision(out / "model" / "init"), *(vision(out / "runs" / f"stage{i}") for i in (1, 2, 3)))
+    encoder = [k for k in init if k.startswith(("visual.patch_embed.", "visual.blocks."))]
+    trainable = [k for k in init if k.startswith(("visual.merger.", "visual.layer_fusion."))]
+    assert encoder and trainable
+    for weights in (stage1, stage2):
+        assert all(torch.equal(weights[k], init[k]) for k in encoder)
+    assert not all(torch.equal(stage2[k], init[k]) for k in trainable)
+    assert not all(torch.equal(stage3[k], stage2[k]) for k in encoder)
+    with pytest.raises(QuickstartError, match=r"frozen_vision_stages must be a subset of 1, 2, 3; got \(0, 2\)"):
+        test_size_settings(frozen_vision_stages=(0, 2))
 
 
 def test_a_budget_too_short_to_train_is_refused_before_any_work(tmp_path):
