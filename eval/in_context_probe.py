@@ -23,20 +23,20 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from iadgpt.data.factory import category_spec, make_image
+from iadgpt.data.factory import LOCAL_KINDS, category_spec, make_image
 from iadgpt.model.checkpoint import PRESETS, init_model, load_model, load_processor
 from iadgpt.model.prompts import few_shot_messages
 from iadgpt.model.settings import DetectionQuestion
 from iadgpt.training.collator import assistant_label_mask
-
-LOCAL_KINDS = ("scratch", "hole", "contamination", "missing_piece")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", type=int, default=1, help="normal references per query")
     parser.add_argument("--kind", choices=("in_context", "color", "local"), default="in_context",
-                        help="defects of the positive queries (color: wrong colour only)")
+                        help="defects of the positive queries (color: wrong colour only; local: the factory's "
+                             "local types, of which sections 4 and 7 of docs/quickstart-experiments.md used "
+                             "the first four)")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
     parser.add_argument("--batch", type=int, default=8, help="samples per step")

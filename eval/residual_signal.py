@@ -7,7 +7,10 @@ model's vision tower, and scores each query by the largest residual distance ove
 those distances. This is the signal the language model receives from `in_context_residuals`; the
 trained model's AUROC can be compared against it (docs/quickstart-experiments.md section 10).
 `--exemplar-shifts 3` adds the exemplars' half-patch-shifted patches to the patch bank (the setting
-`exemplar_shifts`, section 14); the nearest-patch baseline is scored on the same images.
+`exemplar_shifts`, section 14); the nearest-patch baseline is scored on the same images. Each
+category gets 6 normal, one of each of the factory's local defect types and 3 in-context-only
+queries (the figures of sections 10 and 14 were measured with 6 local queries of the first four
+types, before cutpaste, scar and texture_blend existed).
 
     python eval/residual_signal.py                          # random small model, 18 categories, k = 2
     python eval/residual_signal.py --model runs/quickstart/runs/stage3 --exemplar-shifts 3
@@ -25,12 +28,10 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from iadgpt.data.factory import category_spec, make_image
+from iadgpt.data.factory import LOCAL_KINDS, category_spec, make_image
 from iadgpt.model.checkpoint import init_model, load_model, load_processor
 from iadgpt.evaluation.baseline import NearestPatchBaseline
 from iadgpt.model.residuals import nearest_exemplar_tokens, nearest_patch_distances
-
-LOCAL_KINDS = ("scratch", "hole", "contamination", "missing_piece")
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,7 +79,7 @@ def main() -> None:
         spec = category_spec(args.seed, index)
         references = [make_image(spec, "good", rng, args.size).image for _ in range(args.k)]
         queries = [("normal", make_image(spec, "good", rng, args.size)) for _ in range(6)]
-        queries += [("local", make_image(spec, LOCAL_KINDS[i % 4], rng, args.size)) for i in range(6)]
+        queries += [("local", make_image(spec, kind, rng, args.size)) for kind in LOCAL_KINDS]
         kinds = spec.in_context_kinds
         queries += [("in_context", make_image(spec, kinds[i % len(kinds)], rng, args.size)) for i in range(3)]
         tokens, patches, (h, w), shifted = encode(model, processor, references + [q.image for _, q in queries],

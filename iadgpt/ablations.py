@@ -12,13 +12,15 @@ Which parts of IADGPT matter, measured on the quickstart's own held-out categori
   the map's evidence on the patch grid instead of the half-patch lattice (`query_shifts`), and with
   the attention map added to the evidence in the map (`map_attention_weight` 1), and with the vision
   encoder trained in stages 1 and 2 as well (the quickstart's `frozen_vision_stages`);
+* the image score from the Yes/No answer alone (`image_score_map_weight` 0, the paper's score): the
+  quickstart's model evaluated without fusing its score with the map's maximum (inference only);
 * exemplar retention 100 / 40 / 20 / 10 / 5 %: the quickstart's model evaluated with that share of
   each non-reference exemplar's visual tokens kept (inference only; it was trained at 20 %).
 
 Every row scores exactly the quickstart's k = 2 references and queries (its manifest, cut to k = 2).
 Variants live in OUT/ablations/<name>/ (each a resumable quickstart run sharing OUT's data), the
 table in OUT/ablations/ablations.md and .json. Each trained variant takes about the quickstart's own
-wall time (about 13 minutes after a 15-minute one), each retention row well under a minute: eleven
+wall time (about 13 minutes after a 15-minute one), each inference-only row well under a minute: eleven
 variants, about 2.5 hours in one process; with the variants split over two processes on 2 CPU cores
 (`--variants`, then one final `--ablations` that reuses them and writes the table), eight variants
 took about an hour (docs/quickstart-experiments.md section 15), eleven take about 80 minutes.
@@ -50,6 +52,11 @@ TRAINED_VARIANTS: dict[str, tuple[str, dict]] = {
                          {"iadgpt": {"map_attention_weight": 1.0}}),
     "trained_vision": ("the vision encoder trained in stages 1 and 2 too (not frozen)", {"frozen_vision_stages": ()}),
 }
+INFERENCE_VARIANTS: dict[str, tuple[str, dict]] = {
+    "answer_only_score": ("image score from the Yes/No answer alone, not fused with the map's maximum "
+                          "(inference only)", {"image_score_map_weight": 0.0}),
+}
+"""The quickstart's model evaluated with an IADGPT setting changed (no training)."""
 RETENTIONS = (1.0, 0.4, 0.2, 0.1, 0.05)
 ABLATION_SHOTS = (2,)
 
@@ -85,7 +92,7 @@ def check_variants(variants: list[str] | None) -> None:
 def run_ablations(out: Path, settings, say=print, variants: list[str] | None = None) -> dict:
     """Train and evaluate every variant after the quickstart in `out`; write the table.
 
-    `variants`: train only these (names of TRAINED_VARIANTS) and skip the retention rows, so several
+    `variants`: train only these (names of TRAINED_VARIANTS) and skip the inference-only rows, so several
     processes or machines can share the work; a final call without it reuses their finished runs
     (each variant resumes) and writes the whole table.
     """
@@ -127,6 +134,11 @@ def run_ablations(out: Path, settings, say=print, variants: list[str] | None = N
                    manifest=manifest).run()
         rows.append({"variant": title, "name": name, "training_minutes": round(main_minutes, 2),
                      **metrics_of(paths.model_eval), "wall_minutes": round((time.monotonic() - started) / 60, 1)})
+    for name, (title, changes) in INFERENCE_VARIANTS.items() if variants is None else ():
+        benchmark = folder / name / "eval"
+        say(f"[ablations] {name}: {title}")
+        main.evaluate(benchmark, manifest, eval_iadgpt=changes, desc=name)
+        rows.append({"variant": title, "name": name, "training_minutes": round(main_minutes, 2), **metrics_of(benchmark)})
     for retention in RETENTIONS if variants is None else ():
         name = f"retention_{round(retention * 100)}"
         if retention == main.model_settings().get("exemplar_retention"):

@@ -26,7 +26,8 @@ class InspectionResult:
     """What the model says about one query image."""
 
     score: float
-    """Probability that the query is defective (softmax over the "Yes"/"No" answer logits)."""
+    """Probability that the query is defective: softmax over the "Yes"/"No" answer logits (with the
+    setting `image_score_map_weight`, fused with the anomaly map's maximum)."""
     anomaly_map: np.ndarray
     """[H, W] float32 in [0, 1] at the query's own resolution: p(anomalous) per pixel."""
     token_map: np.ndarray
@@ -104,7 +105,7 @@ class Inspector:
     def _inspect_batch(self, queries, normals, abnormal, with_text, max_new_tokens) -> list[InspectionResult]:
         inputs = self.batch_inputs(queries, normals, abnormal)
         out = self.model(**inputs, pixel_maps=True, logits_to_keep=1)
-        scores = self.model.image_anomaly_score(out.logits[:, -1]).tolist()
+        scores = self.model.image_anomaly_score(out.logits[:, -1], out.pixel_scores).tolist()
         texts = [None] * len(queries)
         if with_text:
             generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -132,14 +132,16 @@ class QuickstartSettings:
     """Samples per optimizer step."""
     iadgpt: dict = field(default_factory=lambda: {"in_context_residuals": True, "residual_scores": True,
                                                  "exemplar_shifts": 3, "score_loss_weight": 1.0,
-                                                 "query_shifts": 3, "map_attention_weight": 0.0})
+                                                 "query_shifts": 3, "map_attention_weight": 0.0,
+                                                 "image_score_map_weight": 0.5})
     """IADGPT setting overrides for every stage. Default: the in-context residuals, their evidence in
     the scores, half-patch-shifted exemplars in their patch bank, and a map drawn from the evidence
     alone on a half-patch lattice wherever there are exemplars (all beyond the paper), with the
     Yes/No score loss; over seeds 0 and 1, k = 2 AUROC went from 41 / 54 / 69 % (in-context / local /
     pixel; the paper's model) to 87 / 73 / 79 % with the residuals, 98 / 90 / 95 % with their
     evidence, 97 / 94 / 95 % with the shifted exemplars, and 96 / 92 / 97 % with the lattice map
-    (docs/quickstart-experiments.md sections 10, 12, 14, 16). {} trains the paper's model."""
+    (docs/quickstart-experiments.md sections 10, 12, 14, 16). The image score is fused with the map's
+    maximum (`image_score_map_weight` 0.5, inference only: section 18). {} trains the paper's model."""
     shots: tuple[int, ...] = (0, 1, 2, 4)
     """Numbers of normal references k of the benchmark."""
     seeds: int = 2
@@ -261,6 +263,21 @@ class QuickstartPaths:
     @property
     def state(self) -> Path:
         return self.out / "state.json"
+
+    @classmethod
+    def of_finished_run(cls, out: str | os.PathLike) -> tuple[QuickstartPaths, Path]:
+        """The paths of a finished quickstart run or ablation variant (OUT/ablations/<name>, which
+        shares OUT's data and is compared with OUT's baseline), and the baseline benchmark to compare
+        its model with."""
+        out = Path(out)
+        main = out.parent.parent if out.parent.name == "ablations" else out
+        paths = cls(out, data=main / "data", model=main / "model")
+        baseline = cls(main).baseline_eval
+        for folder in (paths.model_eval, baseline, paths.held_out):
+            if not (folder / ("images.jsonl" if folder == paths.held_out else "manifest.json")).exists():
+                raise QuickstartError(f"{out} is not a finished quickstart run or ablation variant: {folder} "
+                                      "is missing or incomplete")
+        return paths, baseline
 
 
 class RunState:
@@ -817,6 +834,15 @@ class Quickstart:
                            map_size=self.settings.image_size)
                 for method, folder in (("model", self.paths.model_eval), ("baseline", self.paths.baseline_eval))}
 
+    def paired_with_baseline(self) -> dict:
+        """{"<k>": {metric: [model - baseline per (draw, category)]}} at the report's k
+        (`iadgpt.evaluation.by_kind.paired_differences`)."""
+        from .evaluation.by_kind import paired_differences
+
+        return paired_differences(self.paths.model_eval, self.paths.baseline_eval, self.paths.held_out,
+                                  self.paths.held_out / "images.jsonl", map_size=self.settings.image_size,
+                                  shots=[report_k(self.settings)])
+
     def report(self) -> dict:
         from .evaluation.by_kind import metrics_by_defect
 
@@ -824,10 +850,11 @@ class Quickstart:
         # At one k only: per (k, seed) run the types cost about three times the kinds (measured on a
         # 15-minute run: 14 s for both methods at k = 2, against 18 s for the kinds at every k).
         by_defect = self.kind_metrics(by=functools.partial(metrics_by_defect, shots=[report_k(self.settings)]))
+        paired = self.paired_with_baseline()
         chat = self.example_chat()
         # Everything up to now, this phase included (its own seconds are recorded after it returns).
         seconds = self.state.seconds() + self.shared_seconds() + time.monotonic() - self.phase_started
-        document = report_document(metrics, seconds / 60, by_defect)
+        document = report_document(metrics, seconds / 60, by_defect, paired)
         (self.paths.out / "report.md").write_text(report_markdown(self, metrics, document, chat, by_defect))
         (self.paths.out / "report.json").write_text(json.dumps(document, indent=2) + "\n")
         return {}
@@ -922,10 +949,13 @@ def time_training_step(cfg, batches: int = 6) -> float:
 # Reports
 
 
-def report_document(metrics: dict, minutes: float, by_defect: dict | None = None) -> dict:
+def report_document(metrics: dict, minutes: float, by_defect: dict | None = None, paired: dict | None = None) -> dict:
     """report.json: {"k": {"<k>": {"model": {...}, "baseline": {...}}}, "minutes": m} (means over seeds),
-    and with `by_defect`, the local defects by type:
-    {"by_defect": {"<k>": {"model" | "baseline": {"<type>": {"image_auroc": x, "pixel_auroc": y}}}}}."""
+    with `by_defect`, the local defects by type:
+    {"by_defect": {"<k>": {"model" | "baseline": {"<type>": {"image_auroc": x, "pixel_auroc": y}}}}},
+    and with `paired` (`Quickstart.paired_with_baseline`), the model minus the baseline per draw and
+    category: {"paired": {"<k>": {metric: {"mean", "sem", "n", "ahead", "behind", "differences"}}}}
+    (the differences themselves kept, so several runs' can be pooled: eval/paired_comparison.py)."""
     document = {"k": {}}
     for k in metrics["model"]:
         document["k"][k] = {method: {name: _finite(summary["mean"]) for name, summary in metrics[method][k].items()}
@@ -937,6 +967,15 @@ def report_document(metrics: dict, minutes: float, by_defect: dict | None = None
                          for defect, values in by_defect[method][k].items()}
                 for method in ("model", "baseline")}
             for k in by_defect["model"]}
+    if paired is not None:
+        from .evaluation.by_kind import summarize_differences
+
+        document["paired"] = {
+            k: {name: {**{key: _finite(value) if isinstance(value, float) else value
+                          for key, value in summarize_differences(values).items()},
+                       "differences": [round(float(v), 5) for v in values]}
+                for name, values in by_metric.items()}
+            for k, by_metric in paired.items()}
     return document
 
 
@@ -988,6 +1027,23 @@ def results_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+PAIRED_NAMES = {"image_auroc_in_context": "in-context image AUROC", "image_auroc_local": "local image AUROC",
+                "pixel_auroc": "local pixel AUROC"}
+
+
+def paired_table(by_metric: dict) -> str:
+    """Model minus baseline per metric: mean ± standard error (points), pairs ahead / behind / all
+    (`by_metric`: {metric: `summarize_differences(...)`})."""
+    lines = ["| metric | model - baseline (points) | ahead / behind / pairs |", "|---|---:|---:|"]
+    for name, summary in by_metric.items():
+        mean, sem = summary["mean"], summary["sem"]
+        value = "n/a" if mean is None or mean != mean else (
+            f"{100 * mean:+.2f}" + ("" if sem is None or sem != sem else f" ± {100 * sem:.2f}"))
+        lines.append(f"| {PAIRED_NAMES.get(name, name)} | {value} | "
+                     f"{summary['ahead']} / {summary['behind']} / {summary['n']} |")
+    return "\n".join(lines)
+
+
 def defect_table(by_defect: dict, k: str) -> str:
     """Local defects by type at one k: image and pixel AUROC of the model beside the baseline's."""
     lines = ["| defect | model: image AUROC | baseline: image | model: pixel AUROC | baseline: pixel |",
@@ -1017,6 +1073,12 @@ def report_markdown(run: Quickstart, metrics: dict, document: dict, chat: list[t
     ]
     for name, value, verdict in target_rows(document):
         lines.append(f"| {name} | {'n/a' if value is None else f'{value:.3f}'} | {verdict} |")
+    for k, by_metric in document.get("paired", {}).items():
+        lines += ["", f"## Model minus baseline, paired (k = {k})", "",
+                  "The same references and queries scored by both; the difference per few-shot draw and "
+                  "category (`iadgpt.evaluation.by_kind.paired_differences`), in AUROC points. Pool "
+                  "several runs with `python eval/paired_comparison.py RUN [RUN ...]`.", "",
+                  paired_table(by_metric)]
     for k in (by_defect or {}).get("model", {}):
         lines += ["", f"## Local defects by type (k = {k})", "",
                   "Each type's images against the same normal images (`iadgpt.evaluation.by_kind.metrics_by_defect`).",
@@ -1060,7 +1122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a different quickstart run in --out")
     parser.add_argument("--ablations", action="store_true",
                         help="after the quickstart, train and evaluate the ablation variants (each takes about "
-                             "the quickstart's own time; then 5 retention rows, evaluation only)")
+                             "the quickstart's own time; then 6 rows evaluated only: the answer-only image score and 5 "
+                             "exemplar retentions)")
     parser.add_argument("--variants", default=None,
                         help="with --ablations: only these comma-separated variants (to share the work between "
                              "processes; a final --ablations without it writes the whole table)")

@@ -8,6 +8,7 @@ The full-length run (`iadgpt quickstart`, 15 minutes, small preset) is a benchma
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def finished_run(tmp_path_factory):
 def test_report_has_every_k_method_and_metric(finished_run):
     out, report, _ = finished_run
     assert report == json.loads((out / "report.json").read_text())
-    assert set(report) == {"k", "minutes", "by_defect"}
+    assert set(report) == {"k", "minutes", "by_defect", "paired"}
     assert sorted(report["k"]) == [str(k) for k in SHOTS]
     for k in report["k"].values():
         assert set(k) == {"model", "baseline"}
@@ -89,6 +90,51 @@ def test_report_breaks_local_defects_down_by_type(finished_run):
         mean_of_types = sum(v["image_auroc"] for v in by_type.values()) / len(by_type)
         assert mean_of_types == pytest.approx(report["k"]["2"][method]["image_auroc_local"], abs=2e-4)
     assert "## Local defects by type (k = 2)" in (out / "report.md").read_text()
+
+
+def test_report_pairs_the_model_with_the_baseline(finished_run, tmp_path, capsys):
+    """The paired differences (model minus baseline per draw and category) average to the difference
+    of the two methods' means when every category has every metric, as here; the recipe pools runs
+    (the same run twice: twice the pairs, the same mean) and refuses folders that are not runs; a
+    baseline that scored other draws is refused, not paired."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from iadgpt.evaluation.by_kind import paired_differences
+
+    out, report, _ = finished_run
+    settings = test_size_settings()
+    paired = report["paired"]["2"]
+    for name, summary in paired.items():
+        assert summary["n"] == settings.held_out_categories * settings.seeds == len(summary["differences"]), name
+        assert summary["ahead"] + summary["behind"] <= summary["n"]
+        expected = report["k"]["2"]["model"][name] - report["k"]["2"]["baseline"][name]
+        assert summary["mean"] == pytest.approx(expected, abs=2e-4), name
+    assert "## Model minus baseline, paired (k = 2)" in (out / "report.md").read_text()
+
+    spec = importlib.util.spec_from_file_location("paired_recipe", Path(__file__).parents[1] / "eval" / "paired_comparison.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    assert recipe.main([str(out), str(out), "--json", str(tmp_path / "paired.json")]) == 0
+    pooled = json.loads((tmp_path / "paired.json").read_text())["pooled"]
+    for name, summary in paired.items():
+        assert pooled[name]["n"] == 2 * summary["n"]
+        assert pooled[name]["mean"] == pytest.approx(summary["mean"], abs=1e-4)
+    assert "| local pixel AUROC |" in capsys.readouterr().out
+    assert recipe.main([str(tmp_path)]) == 2
+    assert "is not a finished quickstart run" in capsys.readouterr().err
+
+    other = tmp_path / "other_baseline"
+    shutil.copytree(out / "eval" / "baseline", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    dropped = sorted(manifest["categories"])[0]
+    del manifest["categories"][dropped]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    held_out = out / "data" / "held_out"
+    with pytest.raises(ValueError, match="did not score the same runs.*" + re.escape(repr(dropped))):
+        paired_differences(out / "eval" / "model", other, held_out, held_out / "images.jsonl",
+                           map_size=settings.image_size, shots=[2])
 
 
 def test_training_moved_the_model(finished_run):
@@ -218,13 +264,14 @@ def test_command_line_refuses_bad_ablation_variants_before_any_work(tmp_path):
 
 
 def test_ablations_write_one_row_per_variant_and_retention(finished_run):
-    from iadgpt.ablations import RETENTIONS, TRAINED_VARIANTS, run_ablations
+    from iadgpt.ablations import INFERENCE_VARIANTS, RETENTIONS, TRAINED_VARIANTS, run_ablations
 
     out, _, _ = finished_run
     messages: list[str] = []
     document = run_ablations(out, test_size_settings(), say=messages.append)
     names = [row["name"] for row in document["rows"]]
-    assert names == ["full", *TRAINED_VARIANTS, *(f"retention_{round(r * 100)}" for r in RETENTIONS)]
+    assert names == ["full", *TRAINED_VARIANTS, *INFERENCE_VARIANTS,
+                     *(f"retention_{round(r * 100)}" for r in RETENTIONS)]
     assert document == json.loads((out / "ablations" / "ablations.json").read_text())
     table = (out / "ablations" / "ablations.md").read_text()
     assert table.count("\n| ") == len(names) + 1  # header + one line per row

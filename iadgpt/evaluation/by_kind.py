@@ -145,33 +145,44 @@ def metrics_by_defect(benchmark_dir: str | Path, root: str | Path, images_jsonl:
     return nested
 
 
-def _over_categories_and_seeds(benchmark_dir: str | Path, root: str | Path, map_size: int,
-                               shots: list[int] | None, score_category, names: tuple[str, ...] = ()
-                               ) -> dict[str, dict[str, dict[str, float]]]:
-    """`score_category(queries, records, key, truth) -> {metric: value}` for every category of every
-    (k, seed) run of the benchmark in `benchmark_dir`; each metric averaged over the categories that
-    have it, then summarised over seeds. `names` are reported even where no category has them (NaN:
-    undefined), and so is a metric that one run has and another lacks."""
+def category_metrics(benchmark_dir: str | Path, root: str | Path, map_size: int, shots: list[int] | None,
+                     score_category):
+    """Yield (k, seed, category, `score_category(queries, records, key, truth)`) for every category of
+    every (k, seed) run of the benchmark in `benchmark_dir` (its manifest.json and cache), k in `shots`
+    (default: every k of the manifest)."""
     benchmark_dir = Path(benchmark_dir)
     settings = DetectionSettings(model="", dataset="mvtec", root=str(root), out=str(benchmark_dir),
                                  manifest=str(benchmark_dir / "manifest.json"), map_size=map_size)
     plan = plan_benchmark(settings)
     truth = load_ground_truth(plan, map_size)
     cache = ScoreCache(benchmark_dir / "cache")
-    per_k: dict[int, list[dict[str, float]]] = {}
     for k, seed in plan.runs():
         if shots is not None and k not in shots:
             continue
         records = cache.load(k, seed)
-        per_category: dict[str, list[float]] = {name: [] for name in names}
-        for category in plan.categories.values():
+        for name, category in plan.categories.items():
             queries = category.run_queries(k, seed)
             missing = [plan.key(s.image_path) for s in queries if plan.key(s.image_path) not in records]
             if missing:
                 raise RuntimeError(f"{benchmark_dir}: {k}-shot seed {seed} has no score for {missing[0]} "
                                    f"(and {len(missing) - 1} more): the benchmark did not finish")
-            for name, value in score_category(queries, records, plan.key, truth).items():
-                per_category.setdefault(name, []).append(value)
+            yield k, seed, name, score_category(queries, records, plan.key, truth)
+
+
+def _over_categories_and_seeds(benchmark_dir: str | Path, root: str | Path, map_size: int,
+                               shots: list[int] | None, score_category, names: tuple[str, ...] = ()
+                               ) -> dict[str, dict[str, dict[str, float]]]:
+    """`score_category` (as in `category_metrics`) of every category of every (k, seed) run; each
+    metric averaged over the categories that have it, then summarised over seeds. `names` are
+    reported even where no category has them (NaN: undefined), and so is a metric that one run has
+    and another lacks."""
+    per_run: dict[tuple[int, int], dict[str, list[float]]] = {}
+    for k, seed, _, values in category_metrics(benchmark_dir, root, map_size, shots, score_category):
+        per_category = per_run.setdefault((k, seed), {name: [] for name in names})
+        for name, value in values.items():
+            per_category.setdefault(name, []).append(value)
+    per_k: dict[int, list[dict[str, float]]] = {}
+    for (k, _), per_category in per_run.items():
         per_k.setdefault(k, []).append({name: _mean_over_categories(v) for name, v in per_category.items()})
     summaries = {}
     for k, runs in sorted(per_k.items()):
@@ -179,3 +190,52 @@ def _over_categories_and_seeds(benchmark_dir: str | Path, root: str | Path, map_
         runs = [{name: run.get(name, float("nan")) for name in every_name} for run in runs]
         summaries[str(k)] = summarize_over_seeds(runs, ddof=0 if len(runs) == 1 else 1)
     return summaries
+
+
+def paired_differences(model_dir: str | Path, baseline_dir: str | Path, root: str | Path,
+                       images_jsonl: str | Path, map_size: int = 128, shots: list[int] | None = None
+                       ) -> dict[str, dict[str, list[float]]]:
+    """{"<k>": {metric: [model - baseline, one per (seed, category)]}} of the KIND_METRICS.
+
+    Why paired: two methods scored on the same references and queries differ by much less than
+    either varies from one draw (or one category) to the next, so the difference per draw and
+    category, not the difference of the two means, says whether one method is ahead. Both
+    benchmarks must have scored the same manifest (the quickstart runs its baseline on the model's);
+    a (k, seed, category) that one has and the other lacks is an error, and so is a different query.
+    A metric undefined for a category (it has no defect of that kind) gives no pair.
+    """
+    classes = defect_classes(images_jsonl)
+
+    def by_run(folder):
+        return {(k, seed, category): (values, [str(q.image_path) for q in queries])
+                for k, seed, category, (values, queries) in category_metrics(
+                    folder, root, map_size, shots,
+                    lambda queries, records, key, truth: (run_metrics_by_kind(queries, records, key, classes, truth),
+                                                          queries))}
+
+    model, baseline = by_run(model_dir), by_run(baseline_dir)
+    if model.keys() != baseline.keys():
+        only = sorted(model.keys() ^ baseline.keys())[0]
+        raise ValueError(f"{model_dir} and {baseline_dir} did not score the same runs: (k, seed, category) "
+                         f"{only} is in only one of them. Score the baseline with the model's manifest.json.")
+    differences: dict[str, dict[str, list[float]]] = {}
+    for run in sorted(model):
+        (ours, our_queries), (theirs, their_queries) = model[run], baseline[run]
+        if our_queries != their_queries:
+            raise ValueError(f"{model_dir} and {baseline_dir} scored different queries for (k, seed, category) "
+                             f"{run}: score the baseline with the model's manifest.json.")
+        per_k = differences.setdefault(str(run[0]), {name: [] for name in KIND_METRICS})
+        for name in KIND_METRICS:
+            if name in ours and np.isfinite(ours[name]) and np.isfinite(theirs[name]):
+                per_k[name].append(ours[name] - theirs[name])
+    return differences
+
+
+def summarize_differences(differences: list[float]) -> dict[str, float]:
+    """Mean, standard error of the mean (NaN below two pairs), count, and how many pairs are
+    ahead (> 0) and behind (< 0)."""
+    values = np.asarray(differences, dtype=np.float64)
+    count = len(values)
+    return {"mean": float(values.mean()) if count else float("nan"),
+            "sem": float(values.std(ddof=1) / np.sqrt(count)) if count > 1 else float("nan"),
+            "n": count, "ahead": int((values > 0).sum()), "behind": int((values < 0).sum())}

@@ -278,17 +278,30 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         ending = self.iadgpt.detection_question.text + "<|im_end|>\n<|im_start|>assistant\n"
         self.detection_prompt_end_ids = tuple(tokenizer.encode(ending, add_special_tokens=False)[1:])
 
-    def image_anomaly_score(self, answer_logits: torch.Tensor) -> torch.Tensor:
-        """Probability of the answer that means "defective", from the Yes/No logits (Eq. 4).
+    def image_anomaly_score(self, answer_logits: torch.Tensor,
+                            pixel_scores: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Probability of the answer that means "defective", from the Yes/No logits (Eq. 4); with
+        `image_score_map_weight` a > 0, fused with each map's largest value m (InCTRLv2 Eq. 9):
+        sigmoid((1 - a) logit(p) + a logit(m)).
 
         `answer_logits`: `[B, V]` logits at the answer position (with `residual_scores`, they already
-        hold the residual evidence: see `IADGPTOutput.residual_logits`).
+        hold the residual evidence: see `IADGPTOutput.residual_logits`). `pixel_scores`: the
+        forward's `pixel_scores` (called with `pixel_maps=True`), needed when a > 0.
         """
         if self.yes_no_token_ids is None:
             raise RuntimeError("Call model.configure_words(tokenizer) (or load with iadgpt.load_model) first.")
         yes, no = self.yes_no_token_ids
         probs = answer_logits[:, [yes, no]].float().softmax(-1)
-        return probs[:, 0] if self.iadgpt.detection_question.defect_answer == "Yes" else probs[:, 1]
+        answer = probs[:, 0] if self.iadgpt.detection_question.defect_answer == "Yes" else probs[:, 1]
+        weight = float(self.iadgpt.image_score_map_weight)
+        if weight == 0.0:
+            return answer
+        if pixel_scores is None or len(pixel_scores) != len(answer) or any(m is None for m in pixel_scores):
+            raise ValueError(f"image_score_map_weight={weight} fuses the image score with the pixel map's maximum: "
+                             "call the model with pixel_maps=True and pass its pixel_scores, one map per sample.")
+        peak = torch.stack([m.float().amax() for m in pixel_scores]).to(answer.device)
+        # eps: a saturated probability (exactly 0 or 1 in float32) must not give an infinite logit.
+        return torch.sigmoid((1 - weight) * torch.logit(answer, eps=1e-6) + weight * torch.logit(peak, eps=1e-6))
 
     def _yes_no_answers(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, positions predicting their first answer token, those tokens), for the samples whose
