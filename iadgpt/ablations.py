@@ -23,7 +23,8 @@ table in OUT/ablations/ablations.md and .json. Each trained variant takes about 
 wall time (about 13 minutes after a 15-minute one), each inference-only row well under a minute: eleven
 variants, about 2.5 hours in one process; with the variants split over two processes on 2 CPU cores
 (`--variants`, then one final `--ablations` that reuses them and writes the table), eight variants
-took about an hour (docs/quickstart-experiments.md section 15), eleven take about 80 minutes.
+took about an hour (docs/quickstart-experiments.md section 15), eleven and the inference-only rows
+72 minutes (section 18).
 """
 
 from __future__ import annotations

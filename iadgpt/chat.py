@@ -3,7 +3,7 @@
     iadgpt chat --model DIR --normal good1.png good2.png --query part.png --heatmap part_map.png
     printf 'What is wrong?\\nWhere is it?\\n' | iadgpt chat --model DIR --normal good1.png --query part.png
 
-On start the query is inspected once (`Inspector.inspect`: the Yes/No score and the pixel map), so
+On start the query is inspected once (`Inspector.inspect`: the image score and the pixel map), so
 the anomaly score is shown before any question, and `--heatmap` gets the map as an overlay. Then
 every line read is a question: the first user turn holds the references and the query image
 (the inspection prompt's layout), later turns are text only, and the whole history goes with every

@@ -362,7 +362,8 @@ def evaluation_seconds(settings: QuickstartSettings, queries: int, forward: Call
     metrics = sum(seeds for _, seeds in runs) * queries * COSTS.map_metrics
     baseline = sum(seeds * queries * COSTS.baseline_query for k, seeds in runs)
     by_defect = 2 * dict(runs)[report_k(settings)] * queries * COSTS.defect_metrics  # model and baseline
-    return scoring + 4 * metrics + baseline + by_defect + COSTS.report  # metrics: model and baseline, benchmark and report
+    paired = 2 * dict(runs)[report_k(settings)] * queries * COSTS.map_metrics  # both again, per category
+    return scoring + 4 * metrics + baseline + by_defect + paired + COSTS.report  # metrics: model and baseline, benchmark and report
 
 
 def report_k(settings: QuickstartSettings) -> int:
@@ -955,7 +956,8 @@ def report_document(metrics: dict, minutes: float, by_defect: dict | None = None
     {"by_defect": {"<k>": {"model" | "baseline": {"<type>": {"image_auroc": x, "pixel_auroc": y}}}}},
     and with `paired` (`Quickstart.paired_with_baseline`), the model minus the baseline per draw and
     category: {"paired": {"<k>": {metric: {"mean", "sem", "n", "ahead", "behind", "differences"}}}}
-    (the differences themselves kept, so several runs' can be pooled: eval/paired_comparison.py)."""
+    (the differences themselves kept, so several runs' can be pooled; eval/paired_comparison.py
+    recomputes them from the benchmarks, which ablation variants have too)."""
     document = {"k": {}}
     for k in metrics["model"]:
         document["k"][k] = {method: {name: _finite(summary["mean"]) for name, summary in metrics[method][k].items()}

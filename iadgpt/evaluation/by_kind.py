@@ -15,6 +15,10 @@ this module scores each kind against the same normal images:
 type's images against the same normal images, image and pixel AUROC, so a report shows which
 defects a model localises worse than another method, not only that it does.
 
+`paired_differences` compares two methods that scored the same manifest (the model and the
+baseline): each metric's difference per few-shot draw and category, which `summarize_differences`
+turns into a mean ± standard error (eval/paired_comparison.py pools several runs).
+
 Each metric is computed per category and averaged over categories (the benchmark's convention),
 then averaged over the few-shot seeds. Nothing is re-scored: the scores and token maps come from
 the benchmark's cache, the references and queries from its manifest, the masks through the same
