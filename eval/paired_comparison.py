@@ -21,7 +21,7 @@ import json
 import sys
 
 from iadgpt.evaluation.by_kind import KIND_METRICS, paired_differences, summarize_differences
-from iadgpt.quickstart import PAIRED_NAMES, QuickstartError, QuickstartPaths
+from iadgpt.quickstart import PAIRED_NAMES, QuickstartError, QuickstartPaths, paired_difference
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def cell(summary: dict) -> str:
     if not summary["n"]:
         return "n/a"
-    sem = "" if summary["sem"] != summary["sem"] else f" ± {100 * summary['sem']:.2f}"
-    return f"{100 * summary['mean']:+.2f}{sem} ({summary['ahead']} / {summary['behind']} / {summary['n']})"
+    return f"{paired_difference(summary)} ({summary['ahead']} / {summary['behind']} / {summary['n']})"
 
 
 if __name__ == "__main__":

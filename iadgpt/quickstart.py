@@ -1033,15 +1033,21 @@ PAIRED_NAMES = {"image_auroc_in_context": "in-context image AUROC", "image_auroc
                 "pixel_auroc": "local pixel AUROC"}
 
 
+def paired_difference(summary: dict) -> str:
+    """"+0.32 ± 0.14" (AUROC points) from `summarize_differences(...)` or its report.json form, where
+    an undefined value (NaN) is null; "n/a" without pairs."""
+    mean, sem = summary["mean"], summary["sem"]
+    if mean is None or mean != mean:
+        return "n/a"
+    return f"{100 * mean:+.2f}" + ("" if sem is None or sem != sem else f" ± {100 * sem:.2f}")
+
+
 def paired_table(by_metric: dict) -> str:
     """Model minus baseline per metric: mean ± standard error (points), pairs ahead / behind / all
     (`by_metric`: {metric: `summarize_differences(...)`})."""
     lines = ["| metric | model - baseline (points) | ahead / behind / pairs |", "|---|---:|---:|"]
     for name, summary in by_metric.items():
-        mean, sem = summary["mean"], summary["sem"]
-        value = "n/a" if mean is None or mean != mean else (
-            f"{100 * mean:+.2f}" + ("" if sem is None or sem != sem else f" ± {100 * sem:.2f}"))
-        lines.append(f"| {PAIRED_NAMES.get(name, name)} | {value} | "
+        lines.append(f"| {PAIRED_NAMES.get(name, name)} | {paired_difference(summary)} | "
                      f"{summary['ahead']} / {summary['behind']} / {summary['n']} |")
     return "\n".join(lines)
 
