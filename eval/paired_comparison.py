@@ -20,8 +20,8 @@ import argparse
 import json
 import sys
 
-from iadgpt.evaluation.by_kind import KIND_METRICS, paired_differences, summarize_differences
-from iadgpt.quickstart import PAIRED_NAMES, QuickstartError, QuickstartPaths, paired_difference
+from iadgpt.evaluation.by_kind import paired_differences, summarize_differences
+from iadgpt.quickstart import QuickstartError, QuickstartPaths, pooled_paired_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,8 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    pooled: dict[str, list[float]] = {name: [] for name in KIND_METRICS}
-    per_run = {}
+    differences_by_run = []
     for run in args.runs:
         try:
             paths, baseline = QuickstartPaths.of_finished_run(run)
@@ -48,29 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         if differences is None:
             print(f"error: {run} has no {args.k}-shot benchmark", file=sys.stderr)
             return 2
-        per_run[run] = {name: summarize_differences(values) for name, values in differences.items()}
-        for name, values in differences.items():
-            pooled[name] += values
+        differences_by_run.append((run, differences))
 
-    summaries = {name: summarize_differences(values) for name, values in pooled.items()}
+    table, summaries = pooled_paired_table(differences_by_run)
     print(f"Model minus baseline, k = {args.k}, AUROC points, paired over {len(args.runs)} run(s) x draws x "
           "categories (mean ± standard error; pairs ahead / behind / all)\n")
-    print("| metric | " + " | ".join(args.runs) + " | pooled |")
-    print("|---|" + "---:|" * (len(args.runs) + 1))
-    for name in KIND_METRICS:
-        cells = [cell(per_run[run][name]) for run in args.runs] + [cell(summaries[name])]
-        print(f"| {PAIRED_NAMES[name]} | " + " | ".join(cells) + " |")
+    print(table)
     if args.json:
+        per_run = {run: {name: summarize_differences(values) for name, values in differences.items()}
+                   for run, differences in differences_by_run}
+        pooled = {name: [v for _, d in differences_by_run for v in d[name]] for name in summaries}
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"k": args.k, "runs": args.runs, "pooled": summaries, "per_run": per_run,
                        "differences": pooled}, handle, indent=2)
     return 0
-
-
-def cell(summary: dict) -> str:
-    if not summary["n"]:
-        return "n/a"
-    return f"{paired_difference(summary)} ({summary['ahead']} / {summary['behind']} / {summary['n']})"
 
 
 if __name__ == "__main__":

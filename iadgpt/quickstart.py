@@ -43,7 +43,7 @@ from pathlib import Path
 
 QUICKSTART_FORMAT = "iadgpt-quickstart/1"
 OWNED_ENTRIES = ("state.json", "data", "model", "configs", "runs", "eval", "report.json", "report.md", "chat.md",
-                 "chat_query.png", "ablations")
+                 "chat_query.png", "ablations", "wider")
 """What a quickstart writes under OUT: --overwrite removes these and nothing else."""
 
 
@@ -133,7 +133,7 @@ class QuickstartSettings:
     iadgpt: dict = field(default_factory=lambda: {"in_context_residuals": True, "residual_scores": True,
                                                  "exemplar_shifts": 3, "score_loss_weight": 1.0,
                                                  "query_shifts": 3, "map_attention_weight": 0.0,
-                                                 "image_score_map_weight": 0.5})
+                                                 "image_score_map_weight": 0.75})
     """IADGPT setting overrides for every stage. Default: the in-context residuals, their evidence in
     the scores, half-patch-shifted exemplars in their patch bank, and a map drawn from the evidence
     alone on a half-patch lattice wherever there are exemplars (all beyond the paper), with the
@@ -141,7 +141,7 @@ class QuickstartSettings:
     pixel; the paper's model) to 87 / 73 / 79 % with the residuals, 98 / 90 / 95 % with their
     evidence, 97 / 94 / 95 % with the shifted exemplars, and 96 / 92 / 97 % with the lattice map
     (docs/quickstart-experiments.md sections 10, 12, 14, 16). The image score is fused with the map's
-    maximum (`image_score_map_weight` 0.5, inference only: section 18). {} trains the paper's model."""
+    maximum (`image_score_map_weight` 0.75, inference only: sections 18, 19). {} trains the paper's model."""
     shots: tuple[int, ...] = (0, 1, 2, 4)
     """Numbers of normal references k of the benchmark."""
     seeds: int = 2
@@ -1050,6 +1050,28 @@ def paired_table(by_metric: dict) -> str:
         lines.append(f"| {PAIRED_NAMES.get(name, name)} | {paired_difference(summary)} | "
                      f"{summary['ahead']} / {summary['behind']} / {summary['n']} |")
     return "\n".join(lines)
+
+
+def pooled_paired_table(runs: list[tuple[str, dict[str, list[float]]]]) -> tuple[str, dict]:
+    """Model minus baseline per run and pooled over the runs' pairs: a markdown table (mean ±
+    standard error in points, pairs ahead / behind / all) and the pooled summaries.
+
+    `runs`: (run name, {metric: [model - baseline per pair]}) (`paired_differences` at one k); a run
+    given twice counts twice."""
+    from .evaluation.by_kind import KIND_METRICS, summarize_differences
+
+    def cell(summary: dict) -> str:
+        if not summary["n"]:
+            return "n/a"
+        return f"{paired_difference(summary)} ({summary['ahead']} / {summary['behind']} / {summary['n']})"
+
+    pooled = {name: [v for _, differences in runs for v in differences.get(name, [])] for name in KIND_METRICS}
+    summaries = {name: summarize_differences(values) for name, values in pooled.items()}
+    lines = ["| metric | " + " | ".join(run for run, _ in runs) + " | pooled |", "|---|" + "---:|" * (len(runs) + 1)]
+    for name in KIND_METRICS:
+        cells = [cell(summarize_differences(differences.get(name, []))) for _, differences in runs]
+        lines.append(f"| {PAIRED_NAMES[name]} | " + " | ".join(cells + [cell(summaries[name])]) + " |")
+    return "\n".join(lines), summaries
 
 
 def defect_table(by_defect: dict, k: str) -> str:

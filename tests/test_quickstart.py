@@ -290,3 +290,58 @@ def test_ablations_write_one_row_per_variant_and_retention(finished_run):
     assert document == json.loads((out / "ablations" / "ablations.json").read_text())  # the whole table stays
     with pytest.raises(ValueError, match=r"unknown ablation variants \['no_stage4'\]"):
         run_ablations(out, test_size_settings(), variants=["no_stage4"])
+
+
+def test_wider_benchmark_pairs_the_same_model_and_baseline_on_more_held_out_images(finished_run, tmp_path, capsys):
+    """The wider benchmark scores the run's own final model and the baseline on a wider factory that
+    starts with the run's held-out products (the same first images), pairs them like the report
+    (the mean difference is the difference of the means), resumes from its cache, and refuses
+    other settings in its folder, scores of other weights, and folders that are not runs."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from iadgpt.wider_benchmark import WiderBenchmarkSettings, run_wider_benchmark
+
+    out, _, _ = finished_run
+    settings = WiderBenchmarkSettings(categories=2, test_normals=2, anomalies_per_kind=1, draws=2, folder="wider_test")
+    result = run_wider_benchmark(out, settings)
+    data = out / "wider_test" / "data"
+    first = sorted(p.name for p in (out / "data" / "held_out").iterdir() if p.is_dir())[0]
+    assert (data / first / "train" / "good" / "000.png").read_bytes() == \
+        (out / "data" / "held_out" / first / "train" / "good" / "000.png").read_bytes()
+    assert len({p.name for p in data.iterdir() if p.is_dir()}) == 2
+    for name, paired in result["paired"].items():
+        assert paired["n"] == settings.categories * settings.draws == len(paired["differences"]), name
+        expected = result["model"][name]["mean"] - result["baseline"][name]["mean"]
+        assert paired["mean"] == pytest.approx(expected, abs=2e-4), name
+    assert json.loads((out / "wider_test" / "result.json").read_text()) == json.loads(json.dumps(result))
+    assert set(result["by_defect"]["model"]) == set(result["by_defect"]["baseline"])
+
+    cache = sorted((out / "wider_test" / "model" / "cache").glob("*.jsonl"))
+    lines = [path.read_text() for path in cache]
+    assert run_wider_benchmark(out, settings) == result
+    assert [path.read_text() for path in cache] == lines  # nothing scored twice
+
+    with pytest.raises(QuickstartError, match="holds a wider benchmark of other settings"):
+        run_wider_benchmark(out, WiderBenchmarkSettings(categories=3, test_normals=2, anomalies_per_kind=1, draws=2,
+                                                        folder="wider_test"))
+    weights = out / "wider_test" / "model" / "weights.json"
+    saved = weights.read_text()
+    weights.write_text(json.dumps({"model": "0" * 64}))
+    with pytest.raises(QuickstartError, match="other settings or weights"):
+        run_wider_benchmark(out, settings)
+    weights.write_text(saved)
+
+    spec = importlib.util.spec_from_file_location("wider_recipe", Path(__file__).parents[1] / "eval" / "wider_benchmark.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    arguments = ["--categories", "2", "--test-normals", "2", "--anomalies-per-kind", "1", "--draws", "2",
+                 "--folder", "wider_test"]
+    assert recipe.main([str(out), *arguments, "--json", str(tmp_path / "wider.json")]) == 0
+    pooled = json.loads((tmp_path / "wider.json").read_text())["pooled"]
+    assert pooled["pixel_auroc"]["mean"] == pytest.approx(result["paired"]["pixel_auroc"]["mean"], abs=1e-4)
+    assert "| local pixel AUROC |" in capsys.readouterr().out
+    assert recipe.main([str(tmp_path), *arguments]) == 2
+    assert "is not a finished quickstart run" in capsys.readouterr().err
+    shutil.rmtree(out / "wider_test")

@@ -90,10 +90,11 @@ class IADGPTSettings:
     does. A defect that covers a few patches moves the answer's logit less than it moves its own
     patches' evidence, which the maximum keeps. Applied where the pixel map is drawn
     (`Inspector.inspect`, hence the detection benchmark); training and the generated Yes/No answer
-    do not use it. The quickstart uses 0.5: on its held-out products, with the trained models and
-    references unchanged, it raised local-defect image AUROC by 0.7 points on the two seeds it was
-    chosen on and by 0.9 on two others, in-context AUROC by 0.3 (docs/quickstart-experiments.md
-    section 18)."""
+    do not use it. The quickstart uses 0.75: on the wider held-out benchmark of six trained runs
+    (eval/wider_benchmark.py), with the models and references unchanged, local-defect image AUROC
+    is 0.6 points above the answer alone at 0.25, 1.2 at 0.5 and 1.6 at 0.75 (0.75 chosen on two
+    runs, confirmed on four), at a cost of 0.1 in-context points from 0.5 to 0.75; 1 (the map alone)
+    loses more in-context (docs/quickstart-experiments.md sections 18, 19)."""
     attention_map_layers: list[int] | None = None
     """LLM layers whose attention gives the pixel map. None: four evenly spaced layers ending at
     the last (paper: 7, 14, 21, 28 of 28)."""

@@ -1,0 +1,168 @@
+"""A finished quickstart run's model and the baseline on a wider held-out benchmark.
+
+Why: a quickstart benchmarks 9 held-out categories with 8 normal queries and 2 of each defect type,
+in 2 few-shot draws. Most categories are scored perfectly by both the model and the nearest-patch
+baseline, one swapped pair of queries moves a category's image AUROC by about a point, and so a
+run's paired difference (model minus baseline, per draw and category) has a standard error of 1-2
+points: too coarse to tell a one-point lead from none. This benchmark scores the same trained model
+and the baseline on more held-out categories, more queries per category and more draws, on the very
+same references and queries, and pairs them the same way (`paired_differences`).
+
+The categories are the factory's categories from the run's `first_held_out_category` (index 10000)
+on, with the run's seed: the first ones are the run's own held-out products (their first images are
+the run's; the rest are new images of them), the others are new products. No training category is
+among them (training uses indices below 10000).
+
+Layout, under the main run's folder (an ablation variant RUN/ablations/<name> shares the main run's
+data and baseline, and keeps its own model benchmark under its folder):
+
+    RUN/<folder>/settings.json   the benchmark's settings and the main run's weights digest (others
+                                 are refused: another --folder, or remove it)
+    RUN/<folder>/data/           the wider held-out factory (MVTec layout, images.jsonl)
+    RUN/<folder>/baseline/       the nearest-patch baseline, drawing the references
+    RUN/<folder>/model/          the run's final model on the baseline's manifest (the same draws);
+                                 weights.json: the digest of the weights its cached scores belong to
+    RUN/<folder>/result.json     kind metrics, local defects by type and the paired differences
+
+Every step resumes: the factory rewrites identical files, the benchmark caches every scored query,
+and a run whose result.json is written is not benchmarked again (pooling many runs is instant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .quickstart import Quickstart, QuickstartError, QuickstartPaths, QuickstartSettings, RunState, _finite
+
+
+@dataclass(frozen=True)
+class WiderBenchmarkSettings:
+    """How much wider than the quickstart's own benchmark (9 categories, 8 normal queries, 2 per
+    defect type, 2 draws): with the defaults 4 times the normal-defect query pairs per category and
+    draw, and 6 times the category-draws (108), in about 8 minutes per run on one core."""
+
+    categories: int = 36
+    """Held-out categories (4 of each of the 9 product families)."""
+    test_normals: int = 16
+    """Normal queries per category."""
+    anomalies_per_kind: int = 4
+    """Defective queries per defect type and category."""
+    draws: int = 3
+    """Few-shot draws of the references."""
+    k: int = 2
+    """Normal references per query (the targets' k)."""
+    folder: str = "wider"
+    """Folder under the run for this benchmark."""
+
+    def validate(self) -> None:
+        for name, low in (("categories", 1), ("test_normals", 1), ("anomalies_per_kind", 1), ("draws", 1), ("k", 1)):
+            if getattr(self, name) < low:
+                raise QuickstartError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if not self.folder or os.sep in self.folder or self.folder in (".", ".."):
+            raise QuickstartError(f"folder must be a plain folder name, got {self.folder!r}")
+
+
+def _run_settings(out: Path) -> QuickstartSettings:
+    document = json.loads((out / "state.json").read_text())["settings"]
+    return QuickstartSettings(**document)
+
+
+def weights_digest(model: Path) -> str:
+    """SHA-256 of a checkpoint's safetensors files: which trained model a folder's scores belong to
+    (a rerun of the quickstart in the same folder has the same path but other weights)."""
+    digest = hashlib.sha256()
+    for path in sorted(model.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _claim(path: Path, wanted: dict) -> None:
+    """Write `wanted` to `path`, or refuse if it already holds something else: a benchmark with other
+    settings, or scores of other weights, must not be mixed with or reused for this one."""
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            raise QuickstartError(f"{path.parent} holds a wider benchmark of other settings or weights ({found}, "
+                                  f"now {wanted}): remove it or choose another folder name")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def run_wider_benchmark(run: str | os.PathLike, settings: WiderBenchmarkSettings | None = None) -> dict:
+    """Benchmark a finished quickstart run (or ablation variant) and the baseline on a wider held-out set.
+
+    Returns (and writes to the run's `<folder>/result.json`) {"k", "settings", "model", "baseline":
+    `metrics_by_kind` at k, "by_defect": {method: `metrics_by_defect` at k}, "paired": {metric:
+    `summarize_differences` plus its "differences"}}, every number rounded to 4 decimals, NaN as None.
+    """
+    from .evaluation.baseline import NearestPatchInspector
+    from .evaluation.by_kind import metrics_by_defect, metrics_by_kind, paired_differences, summarize_differences
+    from .evaluation.detection import DetectionSettings
+    from .data.factory import make_synthetic
+    from .inspection import Inspector
+
+    settings = settings or WiderBenchmarkSettings()
+    settings.validate()
+    paths, _ = QuickstartPaths.of_finished_run(run)
+    main_out = paths.data_dir.parent
+    main_settings, run_settings = _run_settings(main_out), _run_settings(paths.out)
+    shared = main_out / settings.folder
+    main = Quickstart(main_settings, QuickstartPaths(main_out), RunState(main_out / "state.json", {}))
+    quickstart = Quickstart(run_settings, paths, RunState(paths.state, {}))
+    model_dir = paths.out / settings.folder / "model"
+    _claim(shared / "settings.json", {**asdict(settings), "seed": main_settings.seed,
+                                      "image_size": main_settings.image_size,
+                                      "main_model": weights_digest(main.final_model)})
+    _claim(model_dir / "weights.json", {"model": weights_digest(quickstart.final_model)})
+    finished = paths.out / settings.folder / "result.json"
+    if finished.is_file():  # written last, for these settings and weights (claimed above)
+        return json.loads(finished.read_text())
+    data = shared / "data"
+    make_synthetic(data, settings.categories, seed=main_settings.seed, image_size=main_settings.image_size,
+                   train_normals=main_settings.held_out_train_normals, test_normals=settings.test_normals,
+                   test_anomalies_per_kind=settings.anomalies_per_kind,
+                   first_category=main_settings.first_held_out_category, workers=2)
+
+    def benchmark(run: Quickstart, out: Path, inspector, desc: str, manifest: Path | None = None) -> None:
+        # `model` names what the cache's lines were scored for: the main run's model for the shared baseline.
+        detection = DetectionSettings(model=str(run.final_model.resolve()), dataset="mvtec", root=str(data.resolve()),
+                                      out=str(out), shots=[settings.k], seeds=settings.draws,
+                                      manifest=str(manifest) if manifest else None, batch_size=8,
+                                      map_size=main_settings.image_size, overlays_per_category=0)
+        run.run_benchmark(detection, inspector, desc)
+
+    baseline_dir = shared / "baseline"
+    benchmark(main, baseline_dir, NearestPatchInspector(), "wider benchmark (baseline)")
+    inspector = Inspector.from_pretrained(quickstart.final_model, batch_size=8, iadgpt=run_settings.eval_iadgpt or None)
+    benchmark(quickstart, model_dir, inspector, "wider benchmark (model)", manifest=baseline_dir / "manifest.json")
+
+    images = data / "images.jsonl"
+    size, shots, key = main_settings.image_size, [settings.k], str(settings.k)
+    folders = {"model": model_dir, "baseline": baseline_dir}
+    result = {"k": settings.k, "settings": asdict(settings)}
+    for method, folder in folders.items():
+        result[method] = metrics_by_kind(folder, data, images, map_size=size, shots=shots)[key]
+    result["by_defect"] = {method: metrics_by_defect(folder, data, images, map_size=size, shots=shots)[key]
+                           for method, folder in folders.items()}
+    differences = paired_differences(model_dir, baseline_dir, data, images, map_size=size, shots=shots)[key]
+    result["paired"] = {name: {**summarize_differences(values), "differences": values}
+                        for name, values in differences.items()}
+    result = finite(result)
+    finished.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def finite(document):
+    """`document` with every NaN or infinite float as None (null in JSON), as report.json writes them."""
+    if isinstance(document, dict):
+        return {key: finite(value) for key, value in document.items()}
+    if isinstance(document, list):
+        return [finite(value) for value in document]
+    return _finite(document) if isinstance(document, float) else document
