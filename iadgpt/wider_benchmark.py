@@ -160,7 +160,8 @@ def run_wider_benchmark(run: str | os.PathLike, settings: WiderBenchmarkSettings
 
 
 def finite(document):
-    """`document` with every NaN or infinite float as None (null in JSON), as report.json writes them."""
+    """`document` with every float rounded to 4 decimals and NaN (undefined) as None (null in JSON), as
+    report.json writes them (`_finite`)."""
     if isinstance(document, dict):
         return {key: finite(value) for key, value in document.items()}
     if isinstance(document, list):
