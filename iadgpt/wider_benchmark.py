@@ -100,10 +100,11 @@ def run_wider_benchmark(run: str | os.PathLike, settings: WiderBenchmarkSettings
 
     Returns (and writes to the run's `<folder>/result.json`) {"k", "settings", "model", "baseline":
     `metrics_by_kind` at k, "by_defect": {method: `metrics_by_defect` at k}, "paired": {metric:
-    `summarize_differences` plus its "differences"}}, every number rounded to 4 decimals, NaN as None.
+    `summarize_differences` plus its "differences"}} (all from `compare_benchmarks`, one pass over the
+    maps), every number rounded to 4 decimals, NaN as None.
     """
     from .evaluation.baseline import NearestPatchInspector
-    from .evaluation.by_kind import metrics_by_defect, metrics_by_kind, paired_differences, summarize_differences
+    from .evaluation.by_kind import compare_benchmarks, summarize_differences
     from .evaluation.detection import DetectionSettings
     from .data.factory import make_synthetic
     from .inspection import Inspector
@@ -143,17 +144,12 @@ def run_wider_benchmark(run: str | os.PathLike, settings: WiderBenchmarkSettings
     inspector = Inspector.from_pretrained(quickstart.final_model, batch_size=8, iadgpt=run_settings.eval_iadgpt or None)
     benchmark(quickstart, model_dir, inspector, "wider benchmark (model)", manifest=baseline_dir / "manifest.json")
 
-    images = data / "images.jsonl"
-    size, shots, key = main_settings.image_size, [settings.k], str(settings.k)
-    folders = {"model": model_dir, "baseline": baseline_dir}
-    result = {"k": settings.k, "settings": asdict(settings)}
-    for method, folder in folders.items():
-        result[method] = metrics_by_kind(folder, data, images, map_size=size, shots=shots)[key]
-    result["by_defect"] = {method: metrics_by_defect(folder, data, images, map_size=size, shots=shots)[key]
-                           for method, folder in folders.items()}
-    differences = paired_differences(model_dir, baseline_dir, data, images, map_size=size, shots=shots)[key]
-    result["paired"] = {name: {**summarize_differences(values), "differences": values}
-                        for name, values in differences.items()}
+    compared = compare_benchmarks(model_dir, baseline_dir, data, data / "images.jsonl",
+                                  map_size=main_settings.image_size, shots=[settings.k])[str(settings.k)]
+    result = {"k": settings.k, "settings": asdict(settings), "model": compared["model"],
+              "baseline": compared["baseline"], "by_defect": compared["by_defect"],
+              "paired": {name: {**summarize_differences(values), "differences": values}
+                         for name, values in compared["paired"].items()}}
     result = finite(result)
     finished.write_text(json.dumps(result, indent=2) + "\n")
     return result

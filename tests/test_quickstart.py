@@ -295,18 +295,32 @@ def test_ablations_write_one_row_per_variant_and_retention(finished_run):
 def test_wider_benchmark_pairs_the_same_model_and_baseline_on_more_held_out_images(finished_run, tmp_path, capsys):
     """The wider benchmark scores the run's own final model and the baseline on a wider factory that
     starts with the run's held-out products (the same first images), pairs them like the report
-    (the mean difference is the difference of the means), resumes from its cache, and refuses
-    other settings in its folder, scores of other weights, and folders that are not runs."""
+    (the mean difference is the difference of the means; every number equal to the separate
+    by-kind, by-type and paired computations), resumes from its cache, benchmarks an ablation
+    variant against the main run's data and baseline, and refuses other settings in its folder,
+    scores of other weights, and folders that are not runs."""
     import importlib.util
     import shutil
     from pathlib import Path
 
-    from iadgpt.wider_benchmark import WiderBenchmarkSettings, run_wider_benchmark
+    from iadgpt.ablations import run_ablations
+    from iadgpt.evaluation.by_kind import metrics_by_defect, metrics_by_kind, paired_differences
+    from iadgpt.wider_benchmark import WiderBenchmarkSettings, finite, run_wider_benchmark
 
     out, _, _ = finished_run
     settings = WiderBenchmarkSettings(categories=2, test_normals=2, anomalies_per_kind=1, draws=2, folder="wider_test")
     result = run_wider_benchmark(out, settings)
     data = out / "wider_test" / "data"
+    # One pass over the maps gives what the three separate computations give.
+    folders = {"model": out / "wider_test" / "model", "baseline": out / "wider_test" / "baseline"}
+    for method, folder in folders.items():
+        assert result[method] == finite(metrics_by_kind(folder, data, data / "images.jsonl", map_size=64,
+                                                        shots=[2])["2"]), method
+        assert result["by_defect"][method] == finite(metrics_by_defect(folder, data, data / "images.jsonl",
+                                                                       map_size=64, shots=[2])["2"]), method
+    separately = paired_differences(folders["model"], folders["baseline"], data, data / "images.jsonl", map_size=64,
+                                    shots=[2])["2"]
+    assert {name: paired["differences"] for name, paired in result["paired"].items()} == finite(separately)
     first = sorted(p.name for p in (out / "data" / "held_out").iterdir() if p.is_dir())[0]
     assert (data / first / "train" / "good" / "000.png").read_bytes() == \
         (out / "data" / "held_out" / first / "train" / "good" / "000.png").read_bytes()
@@ -333,6 +347,22 @@ def test_wider_benchmark_pairs_the_same_model_and_baseline_on_more_held_out_imag
         run_wider_benchmark(out, settings)
     weights.write_text(saved)
 
+    # An ablation variant: its own model's scores, on the main run's wider data and baseline draws.
+    run_ablations(out, test_size_settings(), variants=["no_fusion"])  # reuses a variant trained before
+    variant = out / "ablations" / "no_fusion"
+    baseline_cache = {path: path.read_text() for path in (folders["baseline"] / "cache").glob("*.jsonl")}
+    varied = run_wider_benchmark(variant, settings)
+    assert sorted(p.name for p in (variant / "wider_test").iterdir()) == ["model", "result.json"]
+    assert {path: path.read_text() for path in (folders["baseline"] / "cache").glob("*.jsonl")} == baseline_cache
+    assert varied["baseline"] == result["baseline"]
+    assert json.loads((variant / "wider_test" / "model" / "manifest.json").read_text()) == \
+        json.loads((folders["baseline"] / "manifest.json").read_text())
+    assert json.loads((variant / "wider_test" / "model" / "weights.json").read_text()) != \
+        json.loads(weights.read_text())
+    for name, paired in varied["paired"].items():
+        expected = varied["model"][name]["mean"] - result["baseline"][name]["mean"]
+        assert paired["mean"] == pytest.approx(expected, abs=2e-4), name
+
     spec = importlib.util.spec_from_file_location("wider_recipe", Path(__file__).parents[1] / "eval" / "wider_benchmark.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
@@ -345,3 +375,4 @@ def test_wider_benchmark_pairs_the_same_model_and_baseline_on_more_held_out_imag
     assert recipe.main([str(tmp_path), *arguments]) == 2
     assert "is not a finished quickstart run" in capsys.readouterr().err
     shutil.rmtree(out / "wider_test")
+    shutil.rmtree(variant / "wider_test")

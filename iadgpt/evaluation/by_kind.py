@@ -18,6 +18,7 @@ defects a model localises worse than another method, not only that it does.
 `paired_differences` compares two methods that scored the same manifest (the model and the
 baseline): each metric's difference per few-shot draw and category, which `summarize_differences`
 turns into a mean ± standard error (eval/paired_comparison.py pools several runs).
+`compare_benchmarks` gives all three for two such benchmarks in one pass over their maps.
 
 Each metric is computed per category and averaged over categories (the benchmark's convention),
 then averaged over the few-shot seeds. Nothing is re-scored: the scores and token maps come from
@@ -60,6 +61,20 @@ def _mean_over_categories(values: list[float]) -> float:
 def run_metrics_by_kind(queries, records: dict[str, dict], key, classes: dict[str, str], truth) -> dict[str, float]:
     """The three metrics of one category in one (k, seed) run."""
     by_class = _queries_by_class(queries, key, classes)
+    return _kind_metrics(by_class, records, key, _local_masks_and_maps(by_class, records, key, truth))
+
+
+def run_metrics_by_kind_and_defect(queries, records: dict[str, dict], key, classes: dict[str, str],
+                                   defects: dict[str, str], truth) -> tuple[dict[str, float], dict[str, float]]:
+    """(`run_metrics_by_kind`, `run_metrics_by_defect`) of one category in one (k, seed) run, with the
+    maps upsampled and normalised once for both (most of their cost)."""
+    by_class = _queries_by_class(queries, key, classes)
+    masks_and_maps = _local_masks_and_maps(by_class, records, key, truth)
+    return (_kind_metrics(by_class, records, key, masks_and_maps),
+            _defect_metrics(by_class, records, key, defects, masks_and_maps))
+
+
+def _kind_metrics(by_class: dict[str, list], records: dict[str, dict], key, masks_and_maps) -> dict[str, float]:
     result = {}
     for name, kind in (("image_auroc_local", "local"), ("image_auroc_in_context", "in_context")):
         chosen = by_class["normal"] + by_class[kind]
@@ -68,11 +83,17 @@ def run_metrics_by_kind(queries, records: dict[str, dict], key, classes: dict[st
         labels = [0] * len(by_class["normal"]) + [1] * len(by_class[kind])
         scores = [records[key(s.image_path)]["score"] for s in chosen]
         result[name] = image_metrics(labels, scores)["image_auroc"]
-    chosen = by_class["normal"] + by_class["local"]
-    if by_class["local"]:
-        masks, maps = _masks_and_maps(chosen, records, key, truth)
-        result["pixel_auroc"] = pixel_auroc(masks, maps)
+    if masks_and_maps is not None:
+        result["pixel_auroc"] = pixel_auroc(*masks_and_maps)
     return result
+
+
+def _local_masks_and_maps(by_class: dict[str, list], records: dict[str, dict], key, truth) -> tuple[list, list] | None:
+    """`_masks_and_maps` of the normal and local-defect queries (in that order), normalised together
+    as `pixel_auroc` needs them; None without local defects."""
+    if not by_class["local"]:
+        return None
+    return _masks_and_maps(by_class["normal"] + by_class["local"], records, key, truth)
 
 
 def _queries_by_class(queries, key, classes: dict[str, str]) -> dict[str, list]:
@@ -100,11 +121,15 @@ def run_metrics_by_defect(queries, records: dict[str, dict], key, classes: dict[
     in `run_metrics_by_kind`), then each type's images are scored with the normal ones.
     """
     by_class = _queries_by_class(queries, key, classes)
-    normal, local = by_class["normal"], by_class["local"]
-    if not local:
+    return _defect_metrics(by_class, records, key, defects, _local_masks_and_maps(by_class, records, key, truth))
+
+
+def _defect_metrics(by_class: dict[str, list], records: dict[str, dict], key, defects: dict[str, str],
+                    masks_and_maps) -> dict[str, float]:
+    if masks_and_maps is None:
         return {}
-    chosen = normal + local
-    masks, maps = _masks_and_maps(chosen, records, key, truth)
+    normal, local = by_class["normal"], by_class["local"]
+    chosen, (masks, maps) = normal + local, masks_and_maps
     result = {}
     for defect in sorted({defects[key(s.image_path)] for s in local}):
         picked = [i for i, s in enumerate(chosen) if i < len(normal) or defects[key(s.image_path)] == defect]
@@ -137,9 +162,13 @@ def metrics_by_defect(benchmark_dir: str | Path, root: str | Path, images_jsonl:
     `metrics_by_kind`."""
     classes = defect_classes(images_jsonl)
     defects = defect_classes(images_jsonl, field="defect")
-    flat = _over_categories_and_seeds(
+    return _by_defect_type(_over_categories_and_seeds(
         benchmark_dir, root, map_size, shots,
-        lambda queries, records, key, truth: run_metrics_by_defect(queries, records, key, classes, defects, truth))
+        lambda queries, records, key, truth: run_metrics_by_defect(queries, records, key, classes, defects, truth)))
+
+
+def _by_defect_type(flat: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """{"<k>": {"<type>/<metric>": summary}} -> {"<k>": {"<type>": {"<metric>": summary}}}."""
     nested: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for k, summaries in flat.items():
         nested[k] = {}
@@ -177,17 +206,23 @@ def _over_categories_and_seeds(benchmark_dir: str | Path, root: str | Path, map_
                                shots: list[int] | None, score_category, names: tuple[str, ...] = ()
                                ) -> dict[str, dict[str, dict[str, float]]]:
     """`score_category` (as in `category_metrics`) of every category of every (k, seed) run; each
-    metric averaged over the categories that have it, then summarised over seeds. `names` are
-    reported even where no category has them (NaN: undefined), and so is a metric that one run has
-    and another lacks."""
+    metric averaged over the categories that have it, then summarised over seeds (`_summarize`)."""
+    return _summarize(((k, seed, values) for k, seed, _, values in
+                       category_metrics(benchmark_dir, root, map_size, shots, score_category)), names)
+
+
+def _summarize(per_category, names: tuple[str, ...] = ()) -> dict[str, dict[str, dict[str, float]]]:
+    """{"<k>": {metric: {"mean", "std"}}} from (k, seed, {metric: value}) of every category: each metric
+    averaged over the categories that have it, then summarised over seeds. `names` are reported even
+    where no category has them (NaN: undefined), and so is a metric that one run has and another lacks."""
     per_run: dict[tuple[int, int], dict[str, list[float]]] = {}
-    for k, seed, _, values in category_metrics(benchmark_dir, root, map_size, shots, score_category):
-        per_category = per_run.setdefault((k, seed), {name: [] for name in names})
+    for k, seed, values in per_category:
+        per_category_values = per_run.setdefault((k, seed), {name: [] for name in names})
         for name, value in values.items():
-            per_category.setdefault(name, []).append(value)
+            per_category_values.setdefault(name, []).append(value)
     per_k: dict[int, list[dict[str, float]]] = {}
-    for (k, _), per_category in per_run.items():
-        per_k.setdefault(k, []).append({name: _mean_over_categories(v) for name, v in per_category.items()})
+    for (k, _), per_category_values in per_run.items():
+        per_k.setdefault(k, []).append({name: _mean_over_categories(v) for name, v in per_category_values.items()})
     summaries = {}
     for k, runs in sorted(per_k.items()):
         every_name = list(dict.fromkeys(name for run in runs for name in run))
@@ -217,7 +252,11 @@ def paired_differences(model_dir: str | Path, baseline_dir: str | Path, root: st
                     lambda queries, records, key, truth: (run_metrics_by_kind(queries, records, key, classes, truth),
                                                           queries))}
 
-    model, baseline = by_run(model_dir), by_run(baseline_dir)
+    return _pair(by_run(model_dir), by_run(baseline_dir), model_dir, baseline_dir)
+
+
+def _pair(model: dict, baseline: dict, model_dir, baseline_dir) -> dict[str, dict[str, list[float]]]:
+    """`paired_differences` from each benchmark's {(k, seed, category): ({metric: value}, [query paths])}."""
     if model.keys() != baseline.keys():
         only = sorted(model.keys() ^ baseline.keys())[0]
         raise ValueError(f"{model_dir} and {baseline_dir} did not score the same runs: (k, seed, category) "
@@ -233,6 +272,34 @@ def paired_differences(model_dir: str | Path, baseline_dir: str | Path, root: st
             if name in ours and np.isfinite(ours[name]) and np.isfinite(theirs[name]):
                 per_k[name].append(ours[name] - theirs[name])
     return differences
+
+
+def compare_benchmarks(model_dir: str | Path, baseline_dir: str | Path, root: str | Path, images_jsonl: str | Path,
+                       map_size: int = 128, shots: list[int] | None = None) -> dict[str, dict]:
+    """Everything a comparison of two benchmarks of the same manifest reports, in one pass over each
+    benchmark's maps: {"<k>": {"model" | "baseline": `metrics_by_kind`, "by_defect": {"model" |
+    "baseline": `metrics_by_defect`}, "paired": `paired_differences`}}, equal to those functions'
+    results (each of which reads and normalises every map again)."""
+    classes = defect_classes(images_jsonl)
+    defects = defect_classes(images_jsonl, field="defect")
+
+    def by_run(folder):
+        return {(k, seed, category): result for k, seed, category, result in category_metrics(
+            folder, root, map_size, shots,
+            lambda queries, records, key, truth: (*run_metrics_by_kind_and_defect(queries, records, key, classes,
+                                                                                  defects, truth),
+                                                  [str(q.image_path) for q in queries]))}
+
+    runs = {"model": by_run(model_dir), "baseline": by_run(baseline_dir)}
+    paired = _pair(*({run: (kinds, queries) for run, (kinds, _, queries) in runs[method].items()}
+                     for method in ("model", "baseline")), model_dir, baseline_dir)
+    kinds = {method: _summarize([(k, seed, kind) for (k, seed, _), (kind, _, _) in found.items()], KIND_METRICS)
+             for method, found in runs.items()}
+    types = {method: _by_defect_type(_summarize([(k, seed, by_type) for (k, seed, _), (_, by_type, _) in found.items()]))
+             for method, found in runs.items()}
+    return {k: {"model": kinds["model"][k], "baseline": kinds["baseline"][k],
+                "by_defect": {method: types[method].get(k, {}) for method in runs}, "paired": paired[k]}
+            for k in paired}
 
 
 def summarize_differences(differences: list[float]) -> dict[str, float]:

@@ -8,8 +8,10 @@ What is computed, and why this way:
   definition, identical to `average_precision_score`) and F1-max (the maximum F1 over all
   thresholds, as in MVTec's evaluation scripts) both from one `precision_recall_curve`.
 * Pixel level (`pixel_metrics`): the same three metrics on all pixels of a set of images (usually
-  one category) pooled together, exactly, via scikit-learn on the flattened arrays (no threshold
-  binning, no subsampling), plus AUPRO up to a false positive rate of 0.3 (`aupro`, the MVTec AD
+  one category) pooled together, exactly, on the flattened arrays (no threshold binning, no
+  subsampling): AUROC as the Mann-Whitney statistic from one ranking of the pixels (`rank_auroc`,
+  equal to `roc_auc_score`, which builds the whole ROC curve and takes 2-3 times as long on a
+  benchmark category's million pixels), AP and F1-max via scikit-learn, plus AUPRO up to a false positive rate of 0.3 (`aupro`, the MVTec AD
   reference definition, documented in detail there). Cost for 200 maps of 256x256 (13 M pixels):
   about 15 s and 1 GB peak with float32 maps (18 s, 1.5 GB with float64), almost all of it inside
   scikit-learn's two sorts; it grows linearly with the pixel count, so evaluate at a fixed
@@ -39,6 +41,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 try:  # scikit-learn itself depends on scipy, so this import practically always succeeds.
@@ -54,6 +57,7 @@ __all__ = [
     "image_metrics",
     "pixel_metrics",
     "pixel_auroc",
+    "rank_auroc",
     "aupro",
     "pro_curve",
     "f1_max",
@@ -276,7 +280,7 @@ def pixel_metrics(masks, maps, *, max_fpr: float = DEFAULT_MAX_FPR) -> dict[str,
     if pixel_labels.all() or not pixel_labels.any():
         return {name: float("nan") for name in PIXEL_METRIC_NAMES}
     average_precision, best_f1 = _ap_and_f1_max_checked(pixel_labels, pixel_scores)
-    result = {"pixel_auroc": float(roc_auc_score(pixel_labels, pixel_scores)), "pixel_ap": average_precision,
+    result = {"pixel_auroc": rank_auroc(pixel_labels, pixel_scores), "pixel_ap": average_precision,
               "pixel_f1max": best_f1}
     del pixel_labels, pixel_scores
     result["aupro"] = _aupro_validated(bool_masks, float_maps, max_fpr)
@@ -289,7 +293,18 @@ def pixel_auroc(masks, maps) -> float:
     pixel_labels, pixel_scores = _pooled_pixels(*_validate_masks_and_maps(masks, maps))
     if pixel_labels.all() or not pixel_labels.any():
         return float("nan")
-    return float(roc_auc_score(pixel_labels, pixel_scores))
+    return rank_auroc(pixel_labels, pixel_scores)
+
+
+def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC of boolean `labels` (both classes present) as the Mann-Whitney U statistic: the chance
+    that a random positive scores above a random negative, ties counting one half, from the
+    positives' ranks among all scores (ties get their average rank). Equal to `roc_auc_score`, in
+    one sort instead of a whole ROC curve."""
+    ranks = rankdata(scores)
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def _pooled_pixels(bool_masks: list[np.ndarray], float_maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -189,6 +189,17 @@ def test_pixel_metrics_match_sklearn_on_flattened_pixels_of_mixed_sizes():
     assert pixel_auroc(masks, maps) == result["pixel_auroc"]
 
 
+def test_rank_auroc_equals_sklearn_with_and_without_ties():
+    rng = np.random.default_rng(5)
+    labels = rng.random(5000) < 0.1
+    continuous = (rng.random(5000) + 0.4 * labels).astype(np.float32)
+    tied = np.round(continuous * 4) / 4  # five score levels: most pairs tie
+    for scores in (continuous, tied, np.ones(5000)):
+        assert metrics_module.rank_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert metrics_module.rank_auroc(labels, np.ones(5000)) == 0.5
+    assert metrics_module.rank_auroc(labels, labels.astype(float)) == 1.0
+
+
 def test_pixel_metrics_accept_stacked_arrays_and_0_255_masks():
     rng = np.random.default_rng(3)
     masks, maps = random_masks_and_maps(rng, count=4, shape=(12, 12))
