@@ -426,7 +426,8 @@ def write_stage(out: Path, stage: int, roots: dict[str, str], records: Iterable[
                 config: dict | None = None, progress_total: int | None = None) -> StageInfo:
     from tqdm.auto import tqdm
 
-    info = StageInfo(stage=stage, roots={k: str(v) for k, v in roots.items()}, config=config or {})
+    # Absolute roots: the stage folder is read from wherever training is launched.
+    info = StageInfo(stage=stage, roots={k: str(Path(v).resolve()) for k, v in roots.items()}, config=config or {})
     writer = ShardWriter(out, info, records_per_shard=records_per_shard, resume=resume)
     guard = LeakGuard(set(benchmark_test), info)
     writer.write(guard.check(r) for r in tqdm(records, total=progress_total, desc=f"stage {stage} records",

@@ -56,25 +56,39 @@ class AttentionMapRequest:
         return causal & self.key_padding[:, None, :]
 
 
+REQUEST_KWARG = "attention_map_request"
+"""The keyword argument that carries an `AttentionMapRequest` from the language model's forward down
+to every layer's `self_attn` (transformers passes unknown keyword arguments through)."""
+
+
 class AttentionMapRecorder:
-    """Owns the pre-hooks on the chosen LLM layers; active only while a request is set."""
+    """Owns pre-hooks on the LLM layers' `self_attn`: on the chosen layers they compute the word rows'
+    attention of the request passed as `attention_map_request=` to the language model's forward.
+
+    The request travels as a keyword argument, not as state on this object, because gradient
+    checkpointing re-runs each layer in backward with the keyword arguments of its forward: the
+    recomputation then runs the same map computation and saves the same tensors, as non-reentrant
+    checkpointing requires. Every layer's hook removes the argument before the attention kernel sees it.
+    """
 
     def __init__(self, layers: nn.ModuleList, layer_numbers: list[int]):
         self.layer_numbers = list(layer_numbers)
-        self.request: AttentionMapRequest | None = None
-        for number in self.layer_numbers:
-            layers[number - 1].self_attn.register_forward_pre_hook(self._hook(number), with_kwargs=True)
+        for number, layer in enumerate(layers, start=1):
+            layer.self_attn.register_forward_pre_hook(self._hook(number if number in self.layer_numbers else None),
+                                                      with_kwargs=True)
 
-    def _hook(self, number: int):
+    @staticmethod
+    def _hook(number: int | None):
         def hook(attn: nn.Module, args, kwargs):
-            request = self.request
-            # Also skips gradient-checkpointing recomputes, which run after the request is closed.
-            if request is None:
+            if REQUEST_KWARG not in kwargs:
                 return None
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cos, sin = kwargs["position_embeddings"]
-            request.maps[number] = word_to_image_attention(attn, hidden, cos, sin, request)
-            return None
+            kwargs = dict(kwargs)
+            request = kwargs.pop(REQUEST_KWARG)
+            if request is not None and number is not None:
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                cos, sin = kwargs["position_embeddings"]
+                request.maps[number] = word_to_image_attention(attn, hidden, cos, sin, request)
+            return args, kwargs
 
         return hook
 

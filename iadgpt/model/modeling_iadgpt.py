@@ -19,11 +19,12 @@ from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .attention_maps import AttentionMapRecorder, AttentionMapRequest, padded_positions
+from .attention_maps import REQUEST_KWARG, AttentionMapRecorder, AttentionMapRequest, padded_positions
 from .compression import compress_exemplar_tokens
 from .fusion import VisualLayerFusion
 from .losses import dice_loss, focal_loss
 from .residuals import (
+    DISTANCE_FEATURES,
     EXEMPLAR_SHIFTS,
     QUERY_SHIFTS,
     InContextResidual,
@@ -379,8 +380,11 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             and an anomaly word after it); default: those of the samples with a `pixel_masks` entry.
         pixel_masks: per sample an `[H, W]` 0/1 defect mask or None (no map and no pixel loss for
             that sample); a `[B, H, W]` tensor means every sample has one.
-        dummy_pixel_values / dummy_image_grid_thw: a batch without images runs the vision tower on
-            this dummy image, times zero, so every rank runs the same modules (ZeRO-3 would hang).
+        dummy_pixel_values / dummy_image_grid_thw: in training, a batch without images runs the vision
+            tower on this dummy image, times zero, so every rank runs the same modules (ZeRO-3 would hang).
+
+        In training (`model.train()`) every batch runs the same modules in the same order and gives
+        every trainable parameter a gradient, whatever its samples: see the comment on `uniform`.
         anomaly_word_mask / normal_word_mask: `[B, L]` bool word positions (default: found in
             `input_ids` from the configured words).
         """
@@ -401,7 +405,13 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         encoded_images = (mm_encoder_outputs or {}).get("image")
         has_images = pixel_values is not None or encoded_images is not None
         residuals = self.iadgpt.in_context_residuals
-        if cached or not has_images or input_ids is None or not (compress or want_maps or residuals):
+        # In training every batch takes the same path through the same modules in the same order,
+        # whatever its samples (caption, odd-one-out, detection with or without a mask, text only):
+        # under ZeRO-3 every module call gathers its weights collectively and every gradient is
+        # reduced in order, so a rank whose batch took another path would wait forever on the others.
+        uniform = self.training and not cached and input_ids is not None
+        if not uniform and (cached or not has_images or input_ids is None
+                            or not (compress or want_maps or residuals)):
             if want_maps and not cached:
                 raise ValueError("Pixel maps need `input_ids` and `pixel_values` (a query image).")
             out = super().forward(
@@ -417,48 +427,35 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             if labels is not None and self.iadgpt.score_loss_weight > 0:
                 result.score_loss = self.answer_score_loss(result.logits, labels)
                 result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
-            result = self._with_unused_residual(result, used=False)
-            if (self.iadgpt.exemplar_shifts or self.iadgpt.query_shifts) and not cached:
-                self.encode_shifted_copies([])  # as a batch with images would (ZeRO-3)
-            return self._with_dummy_image(result, dummy_pixel_values, dummy_image_grid_thw)
+            return result
         if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
             raise ValueError("Exemplar compression, in-context residuals and pixel maps work on images; videos are "
                              "not supported together with them (pass compress_exemplars=False, pixel_maps=False "
                              "and load with in_context_residuals=False).")
-        if encoded_images is None:
+        if want_maps and not has_images:
+            raise ValueError("Pixel maps need `input_ids` and `pixel_values` (a query image).")
+        unused: list[torch.Tensor] = []  # outputs of modules this batch ran only to keep the ranks in step
+        if encoded_images is None and pixel_values is not None:
             encoded_images = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        elif encoded_images is None and dummy_pixel_values is not None:
+            # A batch without images runs the vision tower on the collator's dummy image (times zero).
+            dummy = self.model.get_image_features(dummy_pixel_values, dummy_image_grid_thw, return_dict=True)
+            unused.extend(dummy.pooler_output)
+        image_embeds = encoded_images.pooler_output if encoded_images is not None else ()
         return self._inspect_forward(
-            input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, encoded_images.pooler_output,
+            input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, image_embeds,
             getattr(encoded_images, "patches_per_token", None), getattr(encoded_images, "pixels_per_image", None),
             image_grid_thw, mm_token_type_ids, logits_to_keep,
             image_roles, compress, compress_exemplars is True, map_samples if want_maps else None, pixel_masks,
-            anomaly_word_mask, normal_word_mask, **kwargs)
-
-    def _with_unused_residual(self, output: IADGPTOutput, used: bool) -> IADGPTOutput:
-        """In training, a forward whose batch has no exemplars still runs the residual module (times
-        zero), so every rank runs the same modules: ZeRO-3 gathers a module's weights collectively."""
-        residual = getattr(self, "in_context_residual", None)
-        if residual is None or used or not self.training or output.loss is None:
-            return output
-        residuals = residual.residual_weight.new_zeros(1, residual.residual_weight.shape[1])
-        distances = residual.distance_embedding.new_zeros(1, residual.distance_embedding.shape[0])
-        output.loss = output.loss + 0.0 * residual(residuals, distances).sum()
-        evidence = getattr(self, "residual_evidence", None)
-        if evidence is not None:
-            patches, images = evidence([distances], [distances.new_zeros(1, 4)])
-            output.loss = output.loss + 0.0 * (patches[0].sum() + images.sum())
-        return output
-
-    def _with_dummy_image(self, output: IADGPTOutput, pixel_values, grid_thw) -> IADGPTOutput:
-        if pixel_values is not None and output.loss is not None:
-            dummy = self.model.visual(pixel_values.type(self.model.visual.dtype), grid_thw=grid_thw).pooler_output
-            output.loss = output.loss + 0.0 * dummy.sum()
-        return output
+            anomaly_word_mask, normal_word_mask, unused, **kwargs)
 
     def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
                          image_embeds, image_patches, image_pixels, image_grid_thw, mm_token_type_ids, logits_to_keep,
                          image_roles, compress, strict_compression, map_samples, pixel_masks, anomaly_word_mask,
-                         normal_word_mask, **kwargs):
+                         normal_word_mask, unused: list[torch.Tensor], **kwargs):
+        """The forward of `forward`'s docstring with the images already encoded. `unused` collects outputs
+        of modules that ran only so that every rank runs the same ones (training): they join the loss
+        times zero, so their backward runs too."""
         cfg = self.config
         want_maps = map_samples is not None
         batch, length = input_ids.shape
@@ -477,7 +474,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         shifted_distances: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # ... and of its shifted copies
         if self.iadgpt.in_context_residuals:
             image_embeds, distances, shifted_distances = self._add_in_context_residuals(
-                list(image_embeds), counts, roles, image_patches, image_pixels, map_samples)
+                list(image_embeds), counts, roles, image_patches, image_pixels, map_samples, unused)
         patch_evidence: dict[int, torch.Tensor] = {}  # per query image, [n, unit] evidence of its patches
         image_evidence: dict[int, torch.Tensor] = {}  # per query image, its image evidence
         shifted_evidence: dict[int, list[torch.Tensor]] = {}  # per query image, that of its shifted copies' patches
@@ -491,17 +488,22 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             copy_evidence = iter(per_patch[len(distances):])
             shifted_evidence = {g: [next(copy_evidence) for _ in QUERY_SHIFTS] for g in shifted_distances}
             residual_logits = per_image.new_zeros(batch)  # per sample: filled in below
+        elif self.iadgpt.residual_scores and self.training:  # no query with exemplars: run it on nothing
+            nothing = self.residual_evidence.image_weight.new_zeros(1, len(DISTANCE_FEATURES))
+            per_patch, per_image = self.residual_evidence([nothing], [nothing.new_zeros(1, 1)])
+            unused.extend([*per_patch, per_image])
 
         # 2. Embed the text and scatter the images into it, exactly as Qwen2.5-VL does.
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        flat_embeds = torch.cat(image_embeds, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-        image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
-                                                        image_features=flat_embeds)
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask, flat_embeds)
+        if len(image_embeds):
+            flat_embeds = torch.cat(image_embeds, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                                            image_features=flat_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, flat_embeds)
 
         # 3. 3-D M-RoPE positions on the full sequence: pruning must not renumber them.
         if position_ids is None:
-            if image_grid_thw is None:
+            if image_grid_thw is None and len(image_embeds):
                 raise ValueError("image_grid_thw is needed to compute the M-RoPE positions of the images.")
             if mm_token_type_ids is None:
                 mm_token_type_ids = (input_ids == cfg.image_token_id).to(torch.int32)
@@ -584,13 +586,17 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 row_index=row_index, row_valid=row_valid,
                 row_is_anomaly=torch.gather(anomaly_rows, 1, row_index),
                 col_index=col_index, key_padding=attn.bool())
-        self.attention_map_recorder.request = request
-        try:
-            outputs = self.model.language_model(
-                inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
-                past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-        finally:
-            self.attention_map_recorder.request = None
+        elif self.training:
+            # No map asked for: the map layers still compute one attention row (times zero in the loss).
+            first = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)
+            request = AttentionMapRequest(row_index=first, row_valid=first.bool(), row_is_anomaly=first.bool(),
+                                          col_index=first, key_padding=attn.bool())
+        # The request rides along as a keyword argument: see AttentionMapRecorder (gradient checkpointing).
+        outputs = self.model.language_model(
+            inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
+            past_key_values=past_key_values, use_cache=use_cache, **{REQUEST_KWARG: request}, **kwargs)
+        if request is not None and not want_maps:
+            unused.extend(channel for n in self.iadgpt.attention_map_layers for channel in request.maps[n])
 
         hidden = outputs.last_hidden_state
         slice_ = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -612,7 +618,9 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             # Evidence a loss did not use (no map, or no score loss) still joins the graph: DDP and
             # ZeRO expect every parameter of a forward to get a gradient.
             result.loss = result.loss + 0.0 * (residual_logits.sum() + sum(t.sum() for t in patch_evidence.values()))
-        return self._with_unused_residual(result, bool(distances))
+        if unused and result.loss is not None:
+            result.loss = result.loss + 0.0 * sum(t.float().sum() for t in unused)
+        return result
 
     def _evidence_map(self, evidence: torch.Tensor, shifted: list[torch.Tensor] | None, height: int,
                       width: int) -> torch.Tensor:
@@ -630,7 +638,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
                                   roles: list[int], image_patches: list[torch.Tensor] | None,
                                   image_pixels: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                                  map_samples: list[bool] | None = None):
+                                  map_samples: list[bool] | None = None, unused: list[torch.Tensor] | None = None):
         """Each query image's tokens plus their residual embeddings against all exemplar tokens and
         patches of its sample (`iadgpt.model.residuals`; with `exemplar_shifts`, the patch bank also
         holds the exemplars' shifted patches); samples without exemplars are left as they are.
@@ -638,7 +646,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         Returns (the image embeddings; by query image index, the `[n, 3]` distances and `[n, unit]`
         patch distances of each query image that had exemplars; with `query_shifts`, by the index of
         each such query whose sample's map is drawn (`map_samples`), the same for its shifted copies,
-        in QUERY_SHIFTS order).
+        in QUERY_SHIFTS order). In training, a batch without such a query runs the residual module on
+        nothing and puts its output in `unused` (see `_inspect_forward`).
         """
         starts = [sum(counts[:i]) for i in range(len(counts))]
         samples = [range(start, start + count) for start, count in zip(starts, counts)]
@@ -660,6 +669,10 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                                                             [image_pixels[g] for g in queries])
             exemplar_copies, query_copies = dict(zip(exemplars, shifted_exemplars)), dict(zip(queries, shifted_queries))
         if not used:
+            if self.training and unused is not None:
+                residual = self.in_context_residual
+                unused.append(residual(residual.residual_weight.new_zeros(1, residual.residual_weight.shape[1]),
+                                       residual.distance_embedding.new_zeros(1, len(DISTANCE_FEATURES))))
             return image_embeds, {}, {}
         patches = image_patches
         if patches is None or len(patches) != len(image_embeds):

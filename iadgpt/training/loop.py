@@ -23,6 +23,7 @@ from .trainer import (
     build_dataloader,
     build_model,
     build_optimizer,
+    fill_deepspeed_sizes,
     fault_injection,
     load_latest_checkpoint,
     load_stage_data,
@@ -62,6 +63,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> None:
         for row in token_estimate(processor, settings):
             print(f"  tokens per sample at {row['image']}, {row['shots']}-shot: {row['tokens']}"
                   f" ({row['tokens_compressed']} with exemplar compression)")
+    fill_deepspeed_sizes(accelerator, model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     accelerator.init_trackers("iadgpt", config={"stage": cfg.stage, "learning_rate": cfg.learning_rate})
 

@@ -57,6 +57,27 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
+def fill_deepspeed_sizes(accelerator: Accelerator, model) -> None:
+    """Resolve the DeepSpeed config's hidden-size-based "auto" entries from the language model's width.
+
+    accelerate's own rule (bucket sizes h x h and 0.9 h x h, parameters under 10 h elements kept whole
+    on every rank); it reads `model.config.hidden_size`, which a Qwen2.5-VL config keeps in its
+    `text_config`. At the 7B's width (3584) these are the values DeepSpeed's published ZeRO-3 examples
+    use; on a small model they keep the per-module gathers and reductions that a large one has.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = getattr(model, "config", None)
+    hidden = getattr(getattr(config, "text_config", config), "hidden_size", None)
+    if hidden is None:
+        return
+    sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+             "stage3_param_persistence_threshold": 10 * hidden}
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    zero.update({key: value for key, value in sizes.items() if zero.get(key) == "auto"})
+
+
 def _deepspeed_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 

@@ -421,7 +421,7 @@ def test_maps_only_for_samples_with_masks_so_batches_can_mix_tasks(tiny_checkpoi
 
 
 def test_dummy_image_runs_the_vision_tower_without_changing_the_loss(tiny_checkpoint, tiny_processor, random_image):
-    model = load_model(tiny_checkpoint)
+    model = load_model(tiny_checkpoint).train()  # the dummy image is for training batches without images
     text = tiny_processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "text", "text": "What is a scratch?"}]},
          {"role": "assistant", "content": [{"type": "text", "text": "A thin line of damage."}]}], tokenize=False)
