@@ -36,7 +36,11 @@ class TrainConfig:
     data: str = "data/stage3"
     """Stage folder written by data_builders/ (info.json + JSONL shards)."""
     output_dir: str = "runs/stage3"
-    """Where the final checkpoint, metrics.jsonl, TensorBoard logs and resumable checkpoints go."""
+    """Where the final checkpoint, metrics.jsonl, TensorBoard logs and resumable checkpoints go. One
+    run at a time: a second run on the same folder is refused while the first holds its lock."""
+    overwrite: bool = False
+    """Let a fresh run (no `--resume`) replace the checkpoints, final model and logs of an earlier
+    run in `output_dir`. Off: such a folder is refused, so finished work is never lost by a typo."""
     learning_rate: float = 2e-6
     """Peak learning rate of AdamW (paper: 1e-5, 1e-5, 2e-6 for stages 1-3)."""
     weight_decay: float = 0.0

@@ -37,7 +37,9 @@ def run_train(config_overrides, launcher=None, env=None, check=True, resume=Fals
 
 def losses(output_dir):
     rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}  # a resumed step overwrites its lost first try
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"  # resumes cut the log back
+    return {row["step"]: row["loss"] for row in rows}
 
 
 def test_killed_run_resumes_to_the_same_losses_and_weights(tiny_checkpoint, toy_stage, tmp_path):
