@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,8 @@ from .collator import RecordCollator, record_length
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "checkpoint_manifest.json"
+"""SHA-256 of every file of a checkpoint folder, written when it is saved and checked before it is loaded."""
 
 
 class TrainingSetupError(ValueError):
@@ -456,6 +459,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: dict) -> 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "run": run_identity(cfg)}, indent=2))
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the commit point
@@ -467,16 +471,86 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: dict) -> 
 def prune_checkpoints(output_dir: str | Path, identity: dict, keep: int) -> list[Path]:
     """Remove all but the newest `keep` checkpoints of the run with `identity`; any other folder or
     file under checkpoints/ (another run's, a user's) is left alone. Returns the removed folders."""
-    own = [p for p in checkpoint_dirs(output_dir) if _saved_run(p) == identity]
+    own = [p for p in checkpoint_dirs(output_dir) if _saved_run(p) == identity and (p / MANIFEST).is_file()]
     removed = own[:-keep] if keep > 0 else own
     for old in removed:
-        shutil.rmtree(old)
+        remove_checkpoint(old)
     return removed
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete the files a checkpoint's manifest lists (and the manifest), then its emptied folders;
+    anything else someone put there stays, with the folder that holds it."""
+    listed = json.loads((folder / MANIFEST).read_text())["sha256"]
+    for name in listed:
+        (folder / name).unlink(missing_ok=True)
+    (folder / MANIFEST).unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    if any(folder.iterdir()):
+        print(f"Kept {folder}: it holds files the checkpoint did not write")
+    else:
+        folder.rmdir()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _digests(folder: Path, names: list[str]) -> dict[str, str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL on large blocks
+        return dict(zip(names, pool.map(lambda name: _sha256(folder / name), names)))
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the SHA-256 of every file of a checkpoint folder in its MANIFEST.
+
+    accelerate's and DeepSpeed's checkpoint files are pickles (DeepSpeed loads them with
+    weights_only=False): loading one runs whatever code it holds. Only files that still match the
+    digests this run wrote are loaded back (`verify_manifest`)."""
+    digests = _digests(folder, _checkpoint_files(folder))
+    (folder / MANIFEST).write_text(json.dumps({"format": "iadgpt-checkpoint-manifest/1", "sha256": digests},
+                                              indent=1))
+
+
+def verify_manifest(folder: Path) -> None:
+    """Refuse a checkpoint whose files are not exactly those its MANIFEST lists, with those digests."""
+    path = folder / MANIFEST
+    advice = "Resume only from checkpoints your own runs wrote; start a new run otherwise."
+    try:
+        listed = json.loads(path.read_text())["sha256"]
+        assert isinstance(listed, dict)
+    except FileNotFoundError:
+        raise TrainingSetupError(f"cannot resume from {folder}: it has no {MANIFEST} (not written by this "
+                                 f"train.py), so its pickled files cannot be checked. {advice}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        raise TrainingSetupError(f"cannot resume from {folder}: {path} is not a valid manifest. {advice}") from None
+    present = _checkpoint_files(folder)
+    unlisted = sorted(set(present) - set(listed))
+    missing = sorted(set(listed) - set(present))
+    if unlisted or missing:
+        what = f"{folder / unlisted[0]} is not in its manifest" if unlisted else f"{folder / missing[0]} is missing"
+        raise TrainingSetupError(f"cannot resume from {folder}: {what}. {advice}")
+    for name, digest in _digests(folder, present).items():
+        if digest != listed[name]:
+            raise TrainingSetupError(f"cannot resume from {folder}: {folder / name} does not match the SHA-256 "
+                                     f"recorded when it was saved (changed since). {advice}")
 
 
 def load_latest_checkpoint(accelerator: Accelerator, cfg: TrainConfig) -> dict | None:
     """Load the newest checkpoint in output_dir (None when there is none); refuses one saved by a run
-    with other RUN_SETTINGS."""
+    with other RUN_SETTINGS, and one whose files do not match the SHA-256 digests saved with them."""
     found = checkpoint_dirs(cfg.output_dir)
     if not found:
         return None
@@ -485,6 +559,7 @@ def load_latest_checkpoint(accelerator: Accelerator, cfg: TrainConfig) -> dict |
     if accelerator.is_main_process:
         try:
             check_same_run(latest, cfg)
+            verify_manifest(latest)
         except TrainingSetupError as err:
             problem = str(err)
     problem = broadcast_object_list([problem])[0]

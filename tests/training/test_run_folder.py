@@ -1,6 +1,7 @@
 """Run folders that cannot be mixed up: the output_dir lock, fresh runs refused over an earlier run,
-resumes refused from another run's checkpoint, pruning of the run's own checkpoints only, and
-metrics.jsonl cut back to the resumed step. In-process where the mechanics allow, one short
+resumes refused from another run's checkpoint or from files that changed since they were saved
+(SHA-256 manifest), pruning of the run's own checkpoints only, and metrics.jsonl cut back to the
+resumed step. In-process where the mechanics allow, one short
 subprocess run of train/train.py for what only a real run shows."""
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import Accelerator
 
 from iadgpt.training.config import TrainConfig
 from iadgpt.training.trainer import (
     LOCK_FILE,
+    MANIFEST,
     MetricsLog,
     TrainingSetupError,
     claimed_output_dir,
     prune_checkpoints,
     run_identity,
+    verify_manifest,
+    write_manifest,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,6 +54,7 @@ def fake_checkpoint(output_dir: Path, step: int, run: dict | None) -> Path:
     if run is not None:
         state["run"] = run
     (folder / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(folder)
     return folder
 
 
@@ -165,6 +171,44 @@ def test_only_the_runs_own_checkpoints_are_pruned(tmp_path):
     assert prune_checkpoints(out, run_identity(cfg), keep=2) == [mine[0]]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "notes.txt", other.name, foreign.name, mine[1].name, mine[2].name]
+    # A file someone put into the run's own checkpoint survives its pruning, and so does its folder.
+    (mine[1] / "notes.txt").write_text("keep")
+    assert prune_checkpoints(out, run_identity(cfg), keep=1) == [mine[1]]
+    assert [p.name for p in mine[1].iterdir()] == ["notes.txt"]
+
+
+def test_a_checkpoint_loads_only_with_the_files_it_was_saved_with(tmp_path):
+    # A real accelerate checkpoint (pickled optimizer and RNG states) of a small module.
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    folder = tmp_path / "step-0000001"
+    accelerator.save_state(str(folder))
+    write_manifest(folder)
+    listed = json.loads((folder / MANIFEST).read_text())["sha256"]
+    assert {"optimizer.bin", "random_states_0.pkl"} <= set(listed)
+    verify_manifest(folder)
+    accelerator.load_state(str(folder))
+
+    rng = folder / "random_states_0.pkl"
+    original = rng.read_bytes()
+    rng.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(TrainingSetupError, match=f"{rng} does not match the SHA-256 recorded when it was saved"):
+        verify_manifest(folder)
+    rng.write_bytes(original)
+    (folder / "custom_checkpoint_0.pkl").write_bytes(b"not ours")
+    with pytest.raises(TrainingSetupError, match="custom_checkpoint_0.pkl is not in its manifest"):
+        verify_manifest(folder)
+    (folder / "custom_checkpoint_0.pkl").unlink()
+    (folder / "optimizer.bin").unlink()
+    with pytest.raises(TrainingSetupError, match="optimizer.bin is missing"):
+        verify_manifest(folder)
+    (folder / MANIFEST).unlink()
+    with pytest.raises(TrainingSetupError, match=f"has no {MANIFEST}"):
+        verify_manifest(folder)
 
 
 def test_metrics_are_cut_back_to_the_resumed_step(accelerator, tmp_path):
@@ -207,9 +251,19 @@ def test_train_py_refuses_a_locked_folder_and_another_runs_checkpoint(tiny_check
     subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300, check=True)
     assert (out / "checkpoints" / "step-0000002" / "trainer_state.json").is_file()
     print(f"training took {time.monotonic() - started:.1f} s")
+    checkpoint = out / "checkpoints" / "step-0000002"
     resumed = subprocess.run([*command, "seed=3", "--resume"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert resumed.returncode == 1
     assert resumed.stderr.strip().splitlines()[-1] == (
-        f"train.py: cannot resume from {out / 'checkpoints' / 'step-0000002'}: seed=0 in the checkpoint but 3 now. "
+        f"train.py: cannot resume from {checkpoint}: seed=0 in the checkpoint but 3 now. "
         "Resume with the run's own settings, or start a new run (another output_dir, or overwrite=true to replace "
         "this one).")
+    # A pickle swapped after the save is never loaded.
+    with (checkpoint / "optimizer.bin").open("ab") as handle:
+        handle.write(b"\0")
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert resumed.returncode == 1
+    assert resumed.stderr.strip().splitlines()[-1] == (
+        f"train.py: cannot resume from {checkpoint}: {checkpoint / 'optimizer.bin'} does not match the SHA-256 "
+        "recorded when it was saved (changed since). Resume only from checkpoints your own runs wrote; start a new "
+        "run otherwise.")
