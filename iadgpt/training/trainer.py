@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.records import StageInfo, TrainingRecord, read_records
 from ..model.checkpoint import check_checkpoint, load_model, load_processor
+from ..utils.digests import file_sha256
 from .collator import RecordCollator, record_length
 from .config import TrainConfig
 
@@ -494,14 +494,6 @@ def remove_checkpoint(folder: Path) -> None:
         folder.rmdir()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checkpoint_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -510,7 +502,7 @@ def _digests(folder: Path, names: list[str]) -> dict[str, str]:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL on large blocks
-        return dict(zip(names, pool.map(lambda name: _sha256(folder / name), names)))
+        return dict(zip(names, pool.map(lambda name: file_sha256(folder / name), names)))
 
 
 def write_manifest(folder: Path) -> None:
