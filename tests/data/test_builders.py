@@ -134,6 +134,46 @@ def test_builds_are_deterministic_and_resume_after_a_crash(factory, stages, tmp_
     assert {p.name: p.read_bytes() for p in (tmp_path / "again").glob("shard-*.jsonl")} == reference
 
 
+def test_a_resumed_build_refuses_changed_arguments(factory, tmp_path):
+    out = tmp_path / "s3"
+    args = ["--dataset", f"fac=mvtec:{factory}", "--records", 10, "--records-per-shard", 4, "--out", out]
+    build(3, *args)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    error = build(3, *args, "--seed", 3, "--records-per-shard", 2, check=False)
+    assert error == (f"stage3.py: {out} was built with other arguments (--records-per-shard 4 -> 2, --seed 0 -> 3); "
+                     "re-run with the same arguments to resume it, or add --restart to rebuild it from scratch.")
+    assert "(--records 10 -> 12)" in build(3, *args, "--records", 12, check=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was written
+    build(3, *args)  # the same arguments: a finished build stays as it is
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    build(3, *args, "--seed", 3, "--records-per-shard", 2, "--restart")
+    ids = [record.id for record in read_records(out)]
+    assert len(ids) == len(set(ids)) == StageInfo.read(out).num_records == 10
+    assert StageInfo.read(out).config["seed"] == 3
+
+
+def test_a_writer_resumes_only_shards_of_its_own_size(tmp_path):
+    from iadgpt.data.records import ShardWriter, TrainingRecord
+    from iadgpt.data.samples import DataError
+
+    def records():
+        for i in range(7):
+            yield TrainingRecord(id=f"c{i}", task="caption", root="toy", images=[f"{i}.png"], image_roles=["other"],
+                                 messages=[{"role": "user", "content": [{"type": "image"}]},
+                                           {"role": "assistant", "content": "A part."}])
+
+    writer = ShardWriter(tmp_path / "s", StageInfo(stage=1, roots={"toy": "/data"}), records_per_shard=5)
+    writer.write(records())
+    writer.close()  # shards of 5 and 2
+    with pytest.raises(DataError, match=r"\(5 records in shard-00000.jsonl -> 4 per shard\); re-run with the same "
+                                        "arguments to resume it, or add --restart"):
+        ShardWriter(tmp_path / "s", StageInfo(stage=1, roots={"toy": "/data"}), records_per_shard=4)
+    writer = ShardWriter(tmp_path / "s", StageInfo(stage=1, roots={"toy": "/data"}), records_per_shard=5)
+    writer.write(records())
+    assert writer.close().num_records == 7  # the finished build's short last shard counts as it is
+    assert [r.id for r in read_records(tmp_path / "s")] == [f"c{i}" for i in range(7)]
+
+
 def test_benchmark_test_split_never_leaks(factory, tmp_path):
     build(2, "--dataset", f"fac=mvtec:{factory}", "--records", 15, "--benchmark", f"mvtec:{factory}",
           "--out", tmp_path / "s2")
