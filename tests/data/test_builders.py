@@ -253,6 +253,44 @@ def test_skip_bad_counts_what_it_leaves_out(factory, tmp_path, capsys):
     assert "fac: skipped 1 bad samples" in capsys.readouterr().out
 
 
+def test_a_truncated_exemplar_is_named_at_build_time_and_skip_bad_counts_it(factory, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "fac"
+    shutil.copytree(factory, copy)
+    category = sorted(p for p in copy.iterdir() if p.is_dir())[0]
+    truncated = sorted((category / "train" / "good").glob("*.png"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    error = build(3, "--dataset", f"fac=mvtec:{copy}", "--records", 20, "--out", tmp_path / "strict", check=False)
+    assert error.startswith(f"stage3.py: {truncated.resolve()}: cannot decode image: corrupt or truncated image")
+    assert error.endswith("(--skip-bad leaves such samples out)")
+    assert not (tmp_path / "strict").exists()
+    capsys.readouterr()
+    build(3, "--dataset", f"fac=mvtec:{copy}", "--records", 20, "--skip-bad", "--out", tmp_path / "lenient")
+    assert "fac: skipped 1 bad samples (1 unreadable image or mask)" in capsys.readouterr().out
+    info = StageInfo.read(tmp_path / "lenient")
+    used = {info.image_path(r, path).resolve() for r in read_records(tmp_path / "lenient") for path in r.images}
+    assert truncated.resolve() not in used and len(used) > 20
+
+
+def test_exactly_k_train_normals_draw_exemplars_from_the_whole_normal_pool(tmp_path):
+    factory = tmp_path / "fac"
+    make_synthetic(factory, categories=2, seed=0, image_size=64, train_normals=4, test_normals=3,
+                   test_anomalies_per_kind=1)
+    build(3, "--dataset", f"fac=mvtec:{factory}", "--records", 40, "--shots", 4, "--out", tmp_path / "s3")
+    records = list(read_records(tmp_path / "s3"))
+    assert len(records) == 40
+    for record in records:
+        exemplars = [path for path, role in zip(record.images, record.image_roles) if role == "exemplar"]
+        query = record.images[record.image_roles.index("query")]
+        assert len(set(exemplars)) == 4 and query not in exemplars
+        assert all("/good/" in path for path in exemplars)
+    # A train-normal query leaves 3 train normals: its exemplars include a test normal.
+    train_queries = [r for r in records if "/train/" in r.images[-1]]
+    assert train_queries
+    assert all(any("/test/" in path for path in r.images[:4]) for r in train_queries)
+
+
 def test_instruction_data_becomes_few_shot_where_the_category_is_known(factory, tmp_path):
     from PIL import Image
 
