@@ -427,8 +427,11 @@ def claimed_output_dir(accelerator: Accelerator, cfg: TrainConfig, resume: bool)
     if accelerator.is_main_process:
         try:
             handle = _claim(Path(cfg.output_dir), cfg, resume)
-        except (TrainingSetupError, OSError) as err:
+        except TrainingSetupError as err:
             problem = str(err)
+        except OSError as err:  # a folder that cannot be created or written
+            problem = f"output_dir {cfg.output_dir}: {err.strerror or err}" + (
+                f" ({err.filename})" if err.filename and str(err.filename) != cfg.output_dir else "")
     problem = broadcast_object_list([problem])[0]
     if problem:
         raise TrainingSetupError(problem)

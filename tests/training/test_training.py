@@ -106,13 +106,22 @@ def test_stages_chain_and_stage3_leaves_the_vision_encoder_unchanged(tiny_checkp
     assert any(not torch.equal(first[k], before[k]) for k in vision)
 
 
-def test_missing_previous_stage_and_unknown_key_fail_before_training(tmp_path, toy_stage):
+def test_missing_previous_stage_and_unknown_key_fail_before_training(tmp_path, toy_stage, tiny_checkpoint):
     result = run_train([f"model={tmp_path / 'out2'}", f"data={toy_stage}", f"output_dir={tmp_path / 'o'}"],
                        check=False)
     assert result.returncode != 0
     assert "does not exist (the output of stage 2? run it first)" in result.stderr
     result = run_train(["learning_rat=1e-5"], check=False)
     assert "unknown key 'learning_rat'; did you mean 'learning_rate'" in result.stderr
+    # A file that cannot be read is one line naming it, not a traceback.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(toy_stage, broken)
+    (broken / "shard-00001.jsonl").unlink()
+    result = run_train([f"model={tiny_checkpoint}", f"data={broken}", f"output_dir={tmp_path / 'o'}"], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"train.py: {broken / 'shard-00001.jsonl'}: No such file or directory"
 
 
 def test_lora_training_merges_into_a_plain_checkpoint_with_the_same_outputs(tiny_checkpoint, toy_stage, tmp_path,
