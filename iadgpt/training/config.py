@@ -122,8 +122,8 @@ class TrainConfig:
         problems: list[str] = []
         positive = "must be a finite number > 0"
         _check(problems, "stage", self.stage, self.stage in (1, 2, 3), "must be 1, 2 or 3")
-        _check(problems, "learning_rate", self.learning_rate, math.isfinite(self.learning_rate) and self.learning_rate > 0,
-               positive)
+        _check(problems, "learning_rate", self.learning_rate,
+               math.isfinite(self.learning_rate) and self.learning_rate > 0, positive)
         _check(problems, "weight_decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0,
                "must be a finite number >= 0")
         _check(problems, "warmup_ratio", self.warmup_ratio, 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)")

@@ -121,7 +121,8 @@ def test_missing_previous_stage_and_unknown_key_fail_before_training(tmp_path, t
     (broken / "shard-00001.jsonl").unlink()
     result = run_train([f"model={tiny_checkpoint}", f"data={broken}", f"output_dir={tmp_path / 'o'}"], check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"train.py: {broken / 'shard-00001.jsonl'}: No such file or directory"
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == f"train.py: {broken / 'shard-00001.jsonl'}: No such file or directory"
 
 
 def test_lora_training_merges_into_a_plain_checkpoint_with_the_same_outputs(tiny_checkpoint, toy_stage, tmp_path,
