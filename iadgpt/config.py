@@ -95,16 +95,48 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _schema(cls, key: str):
+    """The dataclass a mapping field's keys follow (`metadata={"schema": function returning it}`), or None.
+
+    Such a field stays a plain dict of overrides (e.g. the IADGPT settings merged into a model's),
+    yet its keys are checked, typed and reachable by dotted overrides like any nested dataclass."""
+    found = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+    schema = found.metadata.get("schema") if found is not None else None
+    return schema() if schema is not None else None
+
+
+def _schema_dict(schema, value: Any, where: str) -> dict[str, Any]:
+    """`value` with its keys checked against `schema` and each value typed as its field (nested
+    dataclasses back to plain dicts). The schema's own range checks are left to whoever merges the
+    overrides into complete settings: a cross-field rule may hold only after the merge."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    hints = typing.get_type_hints(schema)
+    typed = {}
+    for key, item in value.items():
+        if key not in _field_names(schema):
+            raise _unknown_key(schema, key, where)
+        item = _convert(item, hints[key], f"{where}.{key}")
+        typed[key] = dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
+    return typed
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """`cls` from a mapping; unknown keys, wrong types and the values `cls.__post_init__` refuses
+    (a ValueError) become a ConfigError that starts with `where`."""
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
         if key not in hints or key not in _field_names(cls):
             raise _unknown_key(cls, key, where)
-        values[key] = _convert(value, hints[key], f"{where}.{key}")
+        schema = _schema(cls, key)
+        values[key] = (_schema_dict(schema, value, f"{where}.{key}") if schema is not None
+                       else _convert(value, hints[key], f"{where}.{key}"))
     try:
         return cls(**values)
-    except TypeError as err:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from err
 
 
@@ -127,6 +159,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls) -> dict[str
             else:
                 hint = typing.get_type_hints(target_cls)[key]
                 nested = next((a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)), None)
+                nested = nested or _schema(target_cls, key)
                 if nested is None:
                     raise ConfigError(f"override {dotted}: {key!r} has no sub-keys")
                 if not isinstance(target.get(key), dict):

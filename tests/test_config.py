@@ -38,3 +38,70 @@ def test_missing_file_and_unknown_yaml_key(tmp_path):
     (tmp_path / "bad.yaml").write_text("epoch: 3\n")
     with pytest.raises(ConfigError, match="unknown key 'epoch'; did you mean 'epochs'"):
         load_config(TrainConfig, tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["max_steps=-3"], r"^config: max_steps=-3 must be >= 1 \(or unset: `epochs` decides\)$"),
+    (["save_every=0"], r"^config: save_every=0 must be >= 1$"),
+    (["keep_checkpoints=0"], r"^config: keep_checkpoints=0 must be >= 1$"),
+    (["learning_rate=0"], r"^config: learning_rate=0.0 must be a finite number > 0$"),
+    (["learning_rate=.nan"], r"^config: learning_rate=nan must be a finite number > 0$"),
+    (["warmup_ratio=1"], r"^config: warmup_ratio=1.0 must be in \[0, 1\)$"),
+    (["epochs=0", "num_workers=-1"], r"^config: epochs=0.0 must be a finite number > 0; num_workers=-1 must be >= 0$"),
+    (["max_minutes=0"], r"^config: max_minutes=0.0 must be a finite number > 0 \(or unset: no time limit\)$"),
+    (["stage=4"], r"^config: stage=4 must be 1, 2 or 3$"),
+    (["global_batch_size=6", "per_device_batch_size=4"],
+     r"^config: global_batch_size=6 is not a multiple of per_device_batch_size=4$"),
+    (["fit_steps_to_minutes=true"], "fit_steps_to_minutes=true needs max_minutes"),
+    (["lora.r=0", "lora.dropout=1"], r"^config.lora: r=0 must be >= 1; dropout=1.0 must be in \[0, 1\)$"),
+])
+def test_settings_out_of_range_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, overrides)
+
+
+def test_iadgpt_settings_are_overridden_by_key_and_typed(tmp_path):
+    path = tmp_path / "stage.yaml"
+    path.write_text("iadgpt:\n  exemplar_retention: 0.2\n  compress_exemplars: true\n")
+    cfg = load_config(TrainConfig, path, ["iadgpt.exemplar_retention=0.5", "iadgpt.pixel_loss_weight=1e-3",
+                                          "iadgpt.compress_exemplars=false", "iadgpt.vision_fusion_layers=[2, 4]",
+                                          "iadgpt.detection_question.defect_answer=No"])
+    assert cfg.iadgpt == {"exemplar_retention": 0.5, "compress_exemplars": False, "pixel_loss_weight": 1e-3,
+                          "vision_fusion_layers": [2, 4],
+                          "detection_question": {"text": "Is there any defect or anomaly in the query image? "
+                                                         "Answer Yes or No.", "defect_answer": "No"}}
+    assert isinstance(cfg.iadgpt["pixel_loss_weight"], float)
+
+
+@pytest.mark.parametrize("overrides, yaml_text, message", [
+    (["iadgpt.exemplar_retentoin=0.5"], "",
+     r"override iadgpt.exemplar_retentoin: unknown key 'exemplar_retentoin'; did you mean 'exemplar_retention'"),
+    ([], "iadgpt:\n  pixel_los_weight: 2\n",
+     r"stage.yaml.iadgpt: unknown key 'pixel_los_weight'; did you mean 'pixel_loss_weight'"),
+    (["iadgpt.compress_exemplars=maybe"], "", r"iadgpt.compress_exemplars: expected true or false, got 'maybe'"),
+    (["iadgpt.exemplar_retention.x=1"], "", "'exemplar_retention' has no sub-keys"),
+])
+def test_unknown_or_mistyped_iadgpt_settings_are_refused(tmp_path, overrides, yaml_text, message):
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml_text or "stage: 3\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, path, overrides)
+
+
+def test_an_iadgpt_override_reaches_the_model(tiny_checkpoint):
+    from iadgpt.model import load_model
+
+    cfg = load_config(TrainConfig, None, ["iadgpt.exemplar_retention=0.5"])
+    assert load_model(tiny_checkpoint, iadgpt=cfg.iadgpt).iadgpt.exemplar_retention == 0.5
+
+
+def test_train_py_says_what_is_wrong_in_one_line(capsys):
+    import runpy
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    recipe = runpy.run_path(str(repo / "train" / "train.py"))
+    config = repo / "configs" / "stage3.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        recipe["main"](["--config", str(config), "max_steps=-3"])
+    assert exit_.value.code == f"train.py: {config}: max_steps=-3 must be >= 1 (or unset: `epochs` decides)"

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iadgpt.config import ConfigError, load_config
-from iadgpt.data.samples import DataError
+from iadgpt.config import load_config
 from iadgpt.training.config import TrainConfig
 from iadgpt.training.loop import train
-from iadgpt.training.trainer import TrainingSetupError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,7 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         train(cfg, resume=args.resume)
-    except (ConfigError, TrainingSetupError, DataError) as err:
+    except OSError as err:  # a file or folder that cannot be read or written: one line naming it
+        where = f"{err.filename}: " if err.filename else ""
+        sys.exit(f"train.py: {where}{err.strerror or err}")
+    except ValueError as err:  # a setting, record or checkpoint that does not fit (ConfigError, DataError, ...)
         sys.exit(f"train.py: {err}")
 
 

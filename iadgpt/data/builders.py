@@ -25,7 +25,7 @@ from ..model.settings import DetectionQuestion
 from . import tasks
 from .readers import open_dataset
 from .records import ShardWriter, StageInfo, TrainingRecord, read_records
-from .samples import DataError, Sample, load_image, load_mask
+from .samples import DataError, Sample, load_image, load_mask, load_sample
 from .synthesis import cutpaste_patch, cutpaste_scar, foreground_mask, perlin_blend
 
 
@@ -65,25 +65,36 @@ class CategoryPool:
         return f"{self.source.name}/{self.category}"
 
 
+SKIP_UNREADABLE = "unreadable image or mask"
+"""The skip reason of a sample whose image or mask does not decode (or whose mask has another size)."""
+
+
 def index_sources(sources: Sequence[DatasetSource], benchmark_test: set[Path] = frozenset(),
                   categories: set[str] | None = None, skip_bad: bool = False) -> list[CategoryPool]:
-    """Index every source by category (paths only), leaving out the benchmark's test images.
+    """Index every source by category, leaving out the benchmark's test images.
 
-    With `skip_bad`, samples a reader cannot use (a missing mask, a listed file that is gone, ...)
-    are left out and counted on stdout instead of stopping the build.
+    Every indexed image (and mask) is decoded once here (`decode_errors`), so a corrupt or truncated
+    file stops the build naming it, instead of surfacing as a DataLoader traceback mid-training.
+    With `skip_bad`, samples that cannot be used (a missing mask, a listed file that is gone, an
+    undecodable image, ...) are left out and counted on stdout instead of stopping the build.
     """
     pools: dict[tuple[str, str], CategoryPool] = {}
     for source in sources:
         reader = open_dataset(source.kind, source.root, skip_bad=skip_bad)
-        for sample in reader.samples():
-            if categories is not None and sample.category not in categories:
-                continue
-            if Path(sample.image_path).resolve() in benchmark_test:
+        wanted = [sample for sample in reader.samples()
+                  if (categories is None or sample.category in categories)
+                  and Path(sample.image_path).resolve() not in benchmark_test
+                  and (not sample.is_anomalous or sample.mask_path is not None)]
+        for sample, error in zip(wanted, decode_errors(wanted)):
+            if error is not None:
+                if not skip_bad:
+                    raise DataError(f"{error} (--skip-bad leaves such samples out)")
+                reader.skipped[SKIP_UNREADABLE] += 1
                 continue
             pool = pools.setdefault((source.name, sample.category), CategoryPool(source, sample.category))
             if not sample.is_anomalous:
                 (pool.train_normals if sample.split == "train" else pool.test_normals).append(sample)
-            elif sample.mask_path is not None:
+            else:
                 pool.anomalies.append(sample)
         if reader.skipped:
             reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(reader.skipped.items()))
@@ -91,6 +102,22 @@ def index_sources(sources: Sequence[DatasetSource], benchmark_test: set[Path] = 
     if not pools:
         raise DataError(f"no images found in {[str(s.root) for s in sources]}")
     return [pools[key] for key in sorted(pools)]
+
+
+def decode_errors(samples: Sequence[Sample]) -> list[DataError | None]:
+    """Per sample, the DataError (naming the file) of decoding its image and mask, or None.
+    Threads: Pillow releases the GIL while it inflates and decodes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def error_of(sample: Sample) -> DataError | None:
+        try:
+            load_sample(sample).image.close()
+        except DataError as error:
+            return error
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(error_of, samples))
 
 
 def benchmark_test_images(sources: Sequence[DatasetSource]) -> set[Path]:
@@ -329,8 +356,9 @@ def stage3_records(pools: list[CategoryPool], options: Stage3Options, seed: int,
         defective = rng.random() < options.anomalous_fraction
         normals_pool = pool.train_normals + pool.test_normals
         query = pick(rng, pool.anomalies)[0] if defective else pick(rng, normals_pool)[0]
-        exemplars = pick(rng, pool.train_normals if len(pool.train_normals) >= shots else normals_pool, shots,
-                         exclude=query)
+        # train normals when there are k besides the query, else the whole normal pool
+        train_choices = sum(1 for s in pool.train_normals if s is not query)
+        exemplars = pick(rng, pool.train_normals if train_choices >= shots else normals_pool, shots, exclude=query)
         abnormal = [a for a in pool.anomalies if a is not query][: options.abnormal_references]
         images = [src.relative(s.image_path) for s in [*exemplars, *abnormal, query]]
         roles = ["exemplar"] * shots + ["other"] * len(abnormal) + ["query"]

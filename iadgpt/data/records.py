@@ -132,6 +132,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _count_records(path: Path) -> int:
+    with path.open() as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _argument(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def read_records(folder: str | os.PathLike) -> Iterator[TrainingRecord]:
     """Stream the records of a stage folder, validating each; errors name the shard and line."""
     folder = Path(folder)
@@ -151,11 +162,18 @@ def read_records(folder: str | os.PathLike) -> Iterator[TrainingRecord]:
                 yield TrainingRecord.from_dict(data, where=f"{path}:{line_number}")
 
 
+RESUME_IGNORES = frozenset({"restart", "out"})
+"""Builder arguments a resumed build may change: how it was started and where the folder is."""
+
+
 class ShardWriter:
     """Writes records into fixed-size shards, each renamed into place only when complete.
 
     A crashed build leaves whole shards and at most one `.tmp`; re-running with `resume=True` skips
     the records of the finished shards (the builder must produce records in a deterministic order).
+    A resume is refused unless the build is the same one: the same stage, roots and builder
+    arguments (`info.config`, but RESUME_IGNORES) and shards of `records_per_shard` records;
+    otherwise the skipped count would no longer match what the shards hold.
     """
 
     def __init__(self, folder: str | os.PathLike, info: StageInfo, records_per_shard: int = 1000,
@@ -165,16 +183,41 @@ class ShardWriter:
         self.info = info
         self.records_per_shard = records_per_shard
         finished = sorted(p.name for p in self.folder.glob("shard-*.jsonl")) if resume else []
+        done = self._check_same_build(finished) if finished else 0
         if not resume:
             for stale in self.folder.glob("shard-*.jsonl*"):
                 stale.unlink()
         self.info.shards = finished
-        self.skip = len(finished) * records_per_shard
+        self.skip = done
         self.info.num_records = self.skip
         self._buffer: list[str] = []
         self.seen = 0
         self.info.complete = False
         self.info.write(self.folder)
+
+    def _check_same_build(self, finished: list[str]) -> None:
+        restart = "; re-run with the same arguments to resume it, or add --restart to rebuild it from scratch."
+        try:
+            earlier = StageInfo.read(self.folder)
+        except DataError as err:
+            raise DataError(f"{self.folder} holds shards but no readable info.json ({err}): cannot tell how they "
+                            "were built" + restart) from err
+        changed = [f"stage {earlier.stage} -> {self.info.stage}"] if earlier.stage != self.info.stage else []
+        for key in sorted((set(earlier.config) | set(self.info.config)) - RESUME_IGNORES):
+            before, now = earlier.config.get(key), self.info.config.get(key)
+            if before != now:
+                changed.append(f"--{key.replace('_', '-')} {_argument(before)} -> {_argument(now)}")
+        if earlier.roots != self.info.roots and not changed:
+            changed.append(f"image roots {earlier.roots} -> {self.info.roots}")
+        counts = [_count_records(self.folder / name) for name in finished]
+        for index, (name, count) in enumerate(zip(finished, counts) if not changed else []):
+            last = index == len(finished) - 1  # a finished build's last shard holds the rest
+            if count != self.records_per_shard and not (last and earlier.complete and count < self.records_per_shard):
+                changed.append(f"{count} records in {name} -> {self.records_per_shard} per shard")
+                break
+        if changed:
+            raise DataError(f"{self.folder} was built with other arguments ({', '.join(changed)})" + restart)
+        return sum(counts)
 
     def write(self, records: Iterable[TrainingRecord]) -> None:
         for record in records:

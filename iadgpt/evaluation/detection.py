@@ -18,9 +18,11 @@ The protocol, and why it is this one:
   score (p("Yes")) and the pixel map on the visual-token grid. After every batch the results are
   appended to `OUT/cache/k<k>_seed<s>.rank<r>.jsonl` (one file per process: no two writers share
   a file), flushed and fsynced, so an interrupted run loses at most the batch in flight and a
-  rerun only scores what is missing. Each line carries a fingerprint of the model path,
-  category, k, seed and references: a line scored under other conditions is ignored, never
-  reused. A line cut short by a kill is skipped.
+  rerun only scores what is missing. Each line carries a fingerprint of the model's files (a
+  SHA-256 of its weights, config and processor, not its path: new weights written to the same
+  folder are new), the dataset root, category, k, seed and the references' paths, sizes and
+  modification times, plus the query file's own size and modification time: a line scored under
+  other conditions is ignored, never reused. A line cut short by a kill is skipped.
 * **Maps** are evaluated at a fixed resolution: the token map is upsampled bilinearly (the same
   operation `Inspector` uses to reach the query resolution) straight to a shape whose long side is
   `map_size` (256 by default, aspect ratio kept), and masks are resized to that shape with nearest
@@ -408,22 +410,31 @@ def load_ground_truth(plan: BenchmarkPlan, map_size: int) -> GroundTruth:
 # Score cache
 
 
-def run_fingerprint(model: str, category: str, k: int, seed: int, reference_keys: list[str]) -> str:
-    """What a cached score depends on; a line with another fingerprint is not reused."""
-    text = json.dumps([model, category, k, seed, reference_keys])
+def file_stamp(path: Path) -> list[int]:
+    """[size in bytes, modification time in ns]: an image replaced or edited in place gets another."""
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def run_fingerprint(model_digest: str, root: Path, category: str, k: int, seed: int,
+                    references: list[tuple[str, list[int]]]) -> str:
+    """What a cached score depends on besides its query file: the model's files (`model_sha256`),
+    the dataset root, the run and its references (key and `file_stamp` each). A line with another
+    fingerprint is not reused."""
+    text = json.dumps([model_digest, str(root), category, k, seed, references])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 class ScoreCache:
     """Append-only JSON-lines files of per-query results, one per (k, seed) and process.
 
-    A line: {"query": key, "category", "run": fingerprint, "score", "width", "height",
-    "token_map": [[...]]}. The token map (the model's own grid, e.g. 18 x 18 for a 504-px query, or
+    A line: {"query": key, "category", "run": fingerprint, "file": the query's `file_stamp`, "score",
+    "width", "height", "token_map": [[...]]}. The token map (the model's own grid, e.g. 18 x 18 for a 504-px query, or
     36 x 36 per vision patch with `residual_scores`) is all the evaluation needs to rebuild the map
     at any resolution, so lines stay small and a run keeps no other state. Plain JSON: nothing executable is ever loaded back.
     """
 
-    FIELDS = frozenset({"query", "category", "run", "score", "width", "height", "token_map"})
+    FIELDS = frozenset({"query", "category", "run", "file", "score", "width", "height", "token_map"})
 
     def __init__(self, folder: Path, rank: int = 0) -> None:
         self.folder = Path(folder)
@@ -481,6 +492,22 @@ def load_inspector(model: str, batch_size: int, device):
     return inspector
 
 
+def model_digest(model: str) -> str:
+    """`model_sha256` of the checkpoint folder `model`, or of its cached hub snapshot for a hub name."""
+    from ..utils.digests import model_sha256
+
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(model, local_files_only=True))
+        except Exception as error:  # noqa: BLE001 - any failure means: no local files to digest
+            raise DetectionSetupError(f"model {model}: no local copy of its files to fingerprint the score "
+                                      f"cache with ({error})") from error
+    return model_sha256(folder)
+
+
 def check_model(model: str) -> str:
     """Fail now, naming the folder, if `model` is not a Qwen2.5-VL checkpoint; return its identity."""
     from ..model.checkpoint import check_checkpoint
@@ -493,8 +520,9 @@ def check_model(model: str) -> str:
 
 
 def score_run(plan: BenchmarkPlan, k: int, seed: int, inspector, cache: ScoreCache, cached: dict[str, dict],
-              truth: GroundTruth, model_id: str, batch_size: int, state, say: Callable[[str], None]) -> dict[str, dict]:
-    """Score the queries of run (k, seed) that the cache does not hold, split over the processes.
+              truth: GroundTruth, weights: str, batch_size: int, state, say: Callable[[str], None]) -> dict[str, dict]:
+    """Score the queries of run (k, seed) that the cache does not hold (for these `weights`, a
+    `model_digest`), split over the processes.
 
     Returns, on the main process, query key -> record for every query of the run; on other
     processes an empty dict.
@@ -504,16 +532,18 @@ def score_run(plan: BenchmarkPlan, k: int, seed: int, inspector, cache: ScoreCac
     started = time.monotonic()
     valid, pending = {}, []
     for category in plan.categories.values():
-        fingerprint = run_fingerprint(model_id, category.name, k, seed,
-                                      [plan.key(s.image_path) for s in category.references[k][seed]])
+        references = [(plan.key(s.image_path), file_stamp(s.image_path)) for s in category.references[k][seed]]
+        fingerprint = run_fingerprint(weights, plan.root.resolve(), category.name, k, seed, references)
         for sample in category.run_queries(k, seed):
             key = plan.key(sample.image_path)
             record = cached.get(key)
             width, height = truth.sizes[sample.image_path]
-            if record and record["run"] == fingerprint and (record["width"], record["height"]) == (width, height):
+            stamp = file_stamp(sample.image_path)
+            if (record and record["run"] == fingerprint and record["file"] == stamp
+                    and (record["width"], record["height"]) == (width, height)):
                 valid[key] = record
             else:
-                pending.append((category.name, sample, fingerprint))
+                pending.append((category.name, sample, fingerprint, stamp))
     scored = []
     with state.split_between_processes(pending) as mine:
         for name, group in itertools.groupby(mine, key=lambda item: item[0]):
@@ -521,13 +551,13 @@ def score_run(plan: BenchmarkPlan, k: int, seed: int, inspector, cache: ScoreCac
             references = [load_image(s.image_path) for s in plan.categories[name].references[k][seed]]
             for start in range(0, len(group), batch_size):
                 batch = group[start:start + batch_size]
-                queries = [load_image(sample.image_path) for _, sample, _ in batch]
+                queries = [load_image(sample.image_path) for _, sample, _, _ in batch]
                 results = inspector.inspect(queries, [references] * len(batch))
                 records = [
-                    {"query": plan.key(sample.image_path), "category": name, "run": fingerprint,
+                    {"query": plan.key(sample.image_path), "category": name, "run": fingerprint, "file": stamp,
                      "score": float(result.score), "width": image.width, "height": image.height,
                      "token_map": np.asarray(result.token_map, dtype=np.float32).tolist()}
-                    for (_, sample, fingerprint), image, result in zip(batch, queries, results, strict=True)
+                    for (_, sample, fingerprint, stamp), image, result in zip(batch, queries, results, strict=True)
                 ]
                 cache.append(k, seed, records)
                 scored.extend(records)
@@ -635,8 +665,12 @@ def run_detection(settings: DetectionSettings, inspector=None) -> dict | None:
     # 2. One forward pass per query not yet in the cache.
     started = time.monotonic()
     inspector = inspector or load_inspector(settings.model, settings.batch_size, state.device)
+    from accelerate.utils import broadcast_object_list
+
+    # the model's files, not its path, key the cache; hashed once (a 7B model is ~15 GB), shared by all ranks
+    weights = broadcast_object_list([model_digest(settings.model) if state.is_main_process else None])[0]
     say(f"{len(plan.categories)} categories, runs (k, seed): {plan.runs()}, {state.num_processes} process(es)")
-    records = {run: score_run(plan, *run, inspector, cache, cached[run], truth, model_id, settings.batch_size,
+    records = {run: score_run(plan, *run, inspector, cache, cached[run], truth, weights, settings.batch_size,
                               state, say) for run in plan.runs()}
     scoring_seconds = time.monotonic() - started
     if not state.is_main_process:
@@ -670,7 +704,7 @@ def run_detection(settings: DetectionSettings, inspector=None) -> dict | None:
     reports.write_text(out / "results.md", reports.markdown_tables(results, title=f"{plan.kind}: {plan.root.name}"))
     queries = sum(len(c.run_queries(*run)) for run in plan.runs() for c in plan.categories.values())
     reports.write_json(out / "run_info.json", {
-        "model": model_id, "dataset": {"kind": plan.kind, "root": str(plan.root)}, "runs": plan.runs(),
+        "model": model_id, "model_sha256": weights, "dataset": {"kind": plan.kind, "root": str(plan.root)}, "runs": plan.runs(),
         "categories": list(plan.categories), "processes": state.num_processes, "queries_scored_or_cached": queries,
         "map_size": settings.map_size, "max_fpr": DEFAULT_MAX_FPR, "scoring_seconds": round(scoring_seconds, 2),
         "evaluation_seconds": round(time.monotonic() - started, 2)})

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+
+def _iadgpt_settings():
+    """The schema of TrainConfig.iadgpt, imported when a config uses it (the model package loads torch)."""
+    from ..model.settings import IADGPTSettings
+
+    return IADGPTSettings
+
+
+def _check(problems: list[str], name: str, value, ok: bool, requirement: str) -> None:
+    if not ok:
+        problems.append(f"{name}={value!r} {requirement}")
 
 
 @dataclass
@@ -24,6 +37,14 @@ class LoraSettings:
     merge: bool = True
     """Merge the adapters into the weights when saving, so the output is a plain checkpoint."""
 
+    def __post_init__(self):
+        problems: list[str] = []
+        _check(problems, "r", self.r, self.r >= 1, "must be >= 1")
+        _check(problems, "alpha", self.alpha, self.alpha > 0, "must be > 0")
+        _check(problems, "dropout", self.dropout, 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 @dataclass
 class TrainConfig:
@@ -36,7 +57,11 @@ class TrainConfig:
     data: str = "data/stage3"
     """Stage folder written by data_builders/ (info.json + JSONL shards)."""
     output_dir: str = "runs/stage3"
-    """Where the final checkpoint, metrics.jsonl, TensorBoard logs and resumable checkpoints go."""
+    """Where the final checkpoint, metrics.jsonl, TensorBoard logs and resumable checkpoints go. One
+    run at a time: a second run on the same folder is refused while the first holds its lock."""
+    overwrite: bool = False
+    """Let a fresh run (no `--resume`) replace the checkpoints, final model and logs of an earlier
+    run in `output_dir`. Off: such a folder is refused, so finished work is never lost by a typo."""
     learning_rate: float = 2e-6
     """Peak learning rate of AdamW (paper: 1e-5, 1e-5, 2e-6 for stages 1-3)."""
     weight_decay: float = 0.0
@@ -72,8 +97,11 @@ class TrainConfig:
     """Attention kernel of both towers; flash_attention_2 needs the `gpu` extra."""
     max_length: int = 8192
     """Records longer than this many tokens are skipped and reported (never cut inside an image)."""
-    iadgpt: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the model's IADGPT settings (e.g. exemplar_retention, pixel_loss_weight)."""
+    iadgpt: dict[str, Any] = field(default_factory=dict, metadata={"schema": _iadgpt_settings})
+    """Overrides of the model's IADGPT settings (`iadgpt.model.settings.IADGPTSettings`, e.g.
+    exemplar_retention, pixel_loss_weight), merged into the starting model's; on the command line
+    `iadgpt.exemplar_retention=0.5`. Keys and types are checked when the config is read, ranges when
+    the model loads with them."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA instead of full fine-tuning."""
     save_every: int = 500
@@ -88,3 +116,32 @@ class TrainConfig:
     """DataLoader worker processes (images are decoded there)."""
     pixel_loss_on_normals: bool = True
     """Normal query images get an all-zero mask in the pixel loss."""
+
+    def __post_init__(self):
+        """Refuse values no run can use, naming each (a negative max_steps trained 0 steps and exited 0)."""
+        problems: list[str] = []
+        positive = "must be a finite number > 0"
+        _check(problems, "stage", self.stage, self.stage in (1, 2, 3), "must be 1, 2 or 3")
+        _check(problems, "learning_rate", self.learning_rate,
+               math.isfinite(self.learning_rate) and self.learning_rate > 0, positive)
+        _check(problems, "weight_decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+               "must be a finite number >= 0")
+        _check(problems, "warmup_ratio", self.warmup_ratio, 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)")
+        _check(problems, "epochs", self.epochs, math.isfinite(self.epochs) and self.epochs > 0, positive)
+        _check(problems, "max_steps", self.max_steps, self.max_steps is None or self.max_steps >= 1,
+               "must be >= 1 (or unset: `epochs` decides)")
+        _check(problems, "max_minutes", self.max_minutes,
+               self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0),
+               positive + " (or unset: no time limit)")
+        for name in ("global_batch_size", "per_device_batch_size", "max_length", "save_every", "keep_checkpoints",
+                     "log_every"):
+            _check(problems, name, getattr(self, name), getattr(self, name) >= 1, "must be >= 1")
+        for name in ("seed", "num_workers"):
+            _check(problems, name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
+        if not problems and self.global_batch_size % self.per_device_batch_size:
+            problems.append(f"global_batch_size={self.global_batch_size} is not a multiple of "
+                            f"per_device_batch_size={self.per_device_batch_size}")
+        if self.fit_steps_to_minutes and self.max_minutes is None:
+            problems.append("fit_steps_to_minutes=true needs max_minutes: a time budget to fit the steps to")
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -23,6 +23,7 @@ from .trainer import (
     build_dataloader,
     build_model,
     build_optimizer,
+    claimed_output_dir,
     fill_deepspeed_sizes,
     fault_injection,
     load_latest_checkpoint,
@@ -36,8 +37,13 @@ from .trainer import (
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> None:
-    # 1. Launch setup, model and data; every check happens before the first step.
     accelerator = build_accelerator(cfg)
+    with claimed_output_dir(accelerator, cfg, resume):  # one run per folder; no run's work lost to another
+        _train(cfg, resume, accelerator)
+
+
+def _train(cfg: TrainConfig, resume: bool, accelerator) -> None:
+    # 1. Launch setup, model and data; every check happens before the first step.
     main_process = accelerator.is_main_process
     torch.manual_seed(cfg.seed)
     model, processor = build_model(cfg, main_process)
@@ -74,7 +80,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> None:
         budget.total_steps = state.get("total_steps", budget.total_steps)  # as re-planned before the stop
         if main_process:
             print(f"Resuming at step {state['step']} (epoch {state['epoch']}, batch {state['batches_in_epoch']})")
-    metrics = MetricsLog(accelerator, cfg.output_dir, resume=resume)
+    metrics = MetricsLog(accelerator, cfg.output_dir, resume_step=state["step"] if resume else None)
 
     # 3. The loop.
     meter = StepMeter(accelerator)

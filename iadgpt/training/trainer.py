@@ -7,25 +7,31 @@ tests); nothing here is a home-made distributed layer.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.records import StageInfo, TrainingRecord, read_records
 from ..model.checkpoint import check_checkpoint, load_model, load_processor
+from ..utils.digests import file_sha256
 from .collator import RecordCollator, record_length
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "checkpoint_manifest.json"
+"""SHA-256 of every file of a checkpoint folder, written when it is saved and checked before it is loaded."""
 
 
 class TrainingSetupError(ValueError):
@@ -320,6 +326,144 @@ def fault_injection(step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
+# -- run folder ----------------------------------------------------------------------------------
+LOCK_FILE = ".train.lock"
+"""The file in output_dir whose exclusive flock marks the folder as in use by a run."""
+RUN_SETTINGS = ("model", "data", "seed", "global_batch_size", "per_device_batch_size")
+"""What a resumed run must share with the checkpoint it continues: other weights, records, data
+order or batch layout would make the saved optimizer state and data position meaningless."""
+RUN_OUTPUTS = ("config.json", "model.safetensors.index.json", "adapter_config.json", "train_config.json",
+               "train_summary.json", "metrics.jsonl")
+"""Files a run writes at the top of output_dir, beside `*.safetensors` and `tb/`."""
+
+
+def run_identity(cfg: TrainConfig) -> dict:
+    """The RUN_SETTINGS of `cfg`, with local paths made absolute (`runs/x` and `./runs/x` agree)."""
+    return {"model": _location(cfg.model), "data": _location(cfg.data), "seed": cfg.seed,
+            "global_batch_size": cfg.global_batch_size, "per_device_batch_size": cfg.per_device_batch_size}
+
+
+def _location(path: str) -> str:
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path  # a hub name stays as given
+
+
+def _saved_run(folder: Path) -> dict | None:
+    """The run identity a checkpoint folder recorded, or None when it has none (or is unreadable)."""
+    try:
+        run = json.loads((folder / "trainer_state.json").read_text()).get("run")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return run if isinstance(run, dict) else None
+
+
+def check_same_run(folder: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume from `folder` unless it was saved by a run with this run's RUN_SETTINGS."""
+    saved = _saved_run(folder)
+    if saved is None:
+        raise TrainingSetupError(
+            f"cannot resume from {folder}: its trainer_state.json records no run settings (not written by this "
+            "train.py). Resume only from your own runs' checkpoints.")
+    current = run_identity(cfg)
+    differences = [f"{key}={saved.get(key)!r} in the checkpoint but {current[key]!r} now"
+                   for key in RUN_SETTINGS if saved.get(key) != current[key]]
+    if differences:
+        raise TrainingSetupError(
+            f"cannot resume from {folder}: " + "; ".join(differences) + ". Resume with the run's own settings, or "
+            "start a new run (another output_dir, or overwrite=true to replace this one).")
+
+
+def earlier_run_outputs(output_dir: str | Path) -> list[Path]:
+    """What an earlier run left in output_dir: its checkpoints and its final model (not its logs)."""
+    out = Path(output_dir)
+    model = [out / name for name in ("config.json", "adapter_config.json") if (out / name).is_file()]
+    return [*checkpoint_dirs(out), *model, *sorted(out.glob("*.safetensors"))]
+
+
+def _remove_earlier_run(out: Path) -> None:
+    """overwrite=true: remove the checkpoints, final model and logs of the run that was here."""
+    for path in [*checkpoint_dirs(out), *sorted(out.glob("*.safetensors")), out / "tb",
+                 *(out / name for name in RUN_OUTPUTS)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
+
+
+def _lock(out: Path):
+    """An exclusive flock on output_dir's lock file; the kernel drops it when the process ends, crash or not."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = (out / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise TrainingSetupError(f"output_dir {out} is in use by another training run ({holder} holds "
+                                 f"{out / LOCK_FILE}); wait for it to end or choose another output_dir.") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _claim(out: Path, cfg: TrainConfig, resume: bool):
+    """Main process: lock output_dir and check it suits this run; returns the lock's file."""
+    if _location(cfg.model) == str(out.resolve()):
+        raise TrainingSetupError(f"output_dir {out} is the starting model's folder (model={cfg.model}); "
+                                 "write the new model to another folder.")
+    handle = _lock(out)
+    try:
+        checkpoints = checkpoint_dirs(out)
+        if resume and checkpoints:
+            check_same_run(checkpoints[-1], cfg)
+            return handle
+        earlier = earlier_run_outputs(out)
+        if earlier and not cfg.overwrite:
+            found = ", ".join(str(p.relative_to(out)) for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            what = "has no checkpoint to resume from but holds" if resume else "holds"
+            raise TrainingSetupError(
+                f"output_dir {out} {what} another run ({found}). Continue it with --resume, replace it with "
+                "overwrite=true, or choose another output_dir.")
+        if earlier:
+            print(f"overwrite=true: removing the earlier run in {out}")
+        _remove_earlier_run(out)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+@contextlib.contextmanager
+def claimed_output_dir(accelerator: Accelerator, cfg: TrainConfig, resume: bool):
+    """Hold `output_dir` for the run: one run per folder at a time, and no run's work lost to another.
+
+    The main process takes an exclusive lock (released when the block ends or the process dies),
+    refuses a fresh run into a folder holding an earlier run's checkpoints or final model unless
+    `overwrite` is set (then removes them), and refuses `--resume` from a checkpoint of a run with
+    other RUN_SETTINGS. Every process raises the same error.
+    """
+    handle, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            handle = _claim(Path(cfg.output_dir), cfg, resume)
+        except TrainingSetupError as err:
+            problem = str(err)
+        except OSError as err:  # a folder that cannot be created or written
+            problem = f"output_dir {cfg.output_dir}: {err.strerror or err}" + (
+                f" ({err.filename})" if err.filename and str(err.filename) != cfg.output_dir else "")
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise TrainingSetupError(problem)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
@@ -338,23 +482,109 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: dict) -> 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "run": run_identity(cfg)}, indent=2))
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the commit point
-        for old in checkpoint_dirs(cfg.output_dir)[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old)
+        prune_checkpoints(cfg.output_dir, run_identity(cfg), cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     return final
 
 
+def prune_checkpoints(output_dir: str | Path, identity: dict, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` checkpoints of the run with `identity`; any other folder or
+    file under checkpoints/ (another run's, a user's) is left alone. Returns the removed folders."""
+    own = [p for p in checkpoint_dirs(output_dir) if _saved_run(p) == identity and (p / MANIFEST).is_file()]
+    removed = own[:-keep] if keep > 0 else own
+    for old in removed:
+        remove_checkpoint(old)
+    return removed
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete the files a checkpoint's manifest lists (and the manifest), then its emptied folders;
+    anything else someone put there stays, with the folder that holds it."""
+    listed = json.loads((folder / MANIFEST).read_text())["sha256"]
+    for name in listed:
+        (folder / name).unlink(missing_ok=True)
+    (folder / MANIFEST).unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    if any(folder.iterdir()):
+        print(f"Kept {folder}: it holds files the checkpoint did not write")
+    else:
+        folder.rmdir()
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _digests(folder: Path, names: list[str]) -> dict[str, str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL on large blocks
+        return dict(zip(names, pool.map(lambda name: file_sha256(folder / name), names)))
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the SHA-256 of every file of a checkpoint folder in its MANIFEST.
+
+    accelerate's and DeepSpeed's checkpoint files are pickles (DeepSpeed loads them with
+    weights_only=False): loading one runs whatever code it holds. Only files that still match the
+    digests this run wrote are loaded back (`verify_manifest`)."""
+    digests = _digests(folder, _checkpoint_files(folder))
+    (folder / MANIFEST).write_text(json.dumps({"format": "iadgpt-checkpoint-manifest/1", "sha256": digests},
+                                              indent=1))
+
+
+def verify_manifest(folder: Path) -> None:
+    """Refuse a checkpoint whose files are not exactly those its MANIFEST lists, with those digests."""
+    path = folder / MANIFEST
+    advice = "Resume only from checkpoints your own runs wrote; start a new run otherwise."
+    try:
+        listed = json.loads(path.read_text())["sha256"]
+        assert isinstance(listed, dict)
+    except FileNotFoundError:
+        raise TrainingSetupError(f"cannot resume from {folder}: it has no {MANIFEST} (not written by this "
+                                 f"train.py), so its pickled files cannot be checked. {advice}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        raise TrainingSetupError(f"cannot resume from {folder}: {path} is not a valid manifest. {advice}") from None
+    present = _checkpoint_files(folder)
+    unlisted = sorted(set(present) - set(listed))
+    missing = sorted(set(listed) - set(present))
+    if unlisted or missing:
+        what = f"{folder / unlisted[0]} is not in its manifest" if unlisted else f"{folder / missing[0]} is missing"
+        raise TrainingSetupError(f"cannot resume from {folder}: {what}. {advice}")
+    for name, digest in _digests(folder, present).items():
+        if digest != listed[name]:
+            raise TrainingSetupError(f"cannot resume from {folder}: {folder / name} does not match the SHA-256 "
+                                     f"recorded when it was saved (changed since). {advice}")
+
+
 def load_latest_checkpoint(accelerator: Accelerator, cfg: TrainConfig) -> dict | None:
+    """Load the newest checkpoint in output_dir (None when there is none); refuses one saved by a run
+    with other RUN_SETTINGS, and one whose files do not match the SHA-256 digests saved with them."""
     found = checkpoint_dirs(cfg.output_dir)
     if not found:
         return None
     latest = found[-1]
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            check_same_run(latest, cfg)
+            verify_manifest(latest)
+        except TrainingSetupError as err:
+            problem = str(err)
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise TrainingSetupError(problem)
     accelerator.load_state(str(latest))
-    return json.loads((latest / "trainer_state.json").read_text())
+    state = json.loads((latest / "trainer_state.json").read_text())
+    state.pop("run", None)
+    return state
 
 
 def save_final_model(accelerator: Accelerator, cfg: TrainConfig, model, processor) -> Path:
@@ -378,19 +608,36 @@ def save_final_model(accelerator: Accelerator, cfg: TrainConfig, model, processo
 class MetricsLog:
     """One JSON line per logged optimizer step in `metrics.jsonl` (main process), and TensorBoard."""
 
-    def __init__(self, accelerator: Accelerator, output_dir: str | Path, resume: bool):
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, resume_step: int | None):
+        """`resume_step`: the step a resumed run continues from (rows after it are cut: the run logs
+        them again); None for a fresh run (the file starts empty)."""
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not resume and self.path.exists():
-                self.path.unlink()
+            if resume_step is None:
+                self.path.unlink(missing_ok=True)
+            elif self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if _logged_step(line) is not None and _logged_step(line) <= resume_step]
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
 
     def log(self, step: int, values: dict) -> None:
         if self.accelerator.is_main_process:
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
         self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl row; None for a line cut short by a kill."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 class StepMeter:

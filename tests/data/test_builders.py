@@ -134,6 +134,46 @@ def test_builds_are_deterministic_and_resume_after_a_crash(factory, stages, tmp_
     assert {p.name: p.read_bytes() for p in (tmp_path / "again").glob("shard-*.jsonl")} == reference
 
 
+def test_a_resumed_build_refuses_changed_arguments(factory, tmp_path):
+    out = tmp_path / "s3"
+    args = ["--dataset", f"fac=mvtec:{factory}", "--records", 10, "--records-per-shard", 4, "--out", out]
+    build(3, *args)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    error = build(3, *args, "--seed", 3, "--records-per-shard", 2, check=False)
+    assert error == (f"stage3.py: {out} was built with other arguments (--records-per-shard 4 -> 2, --seed 0 -> 3); "
+                     "re-run with the same arguments to resume it, or add --restart to rebuild it from scratch.")
+    assert "(--records 10 -> 12)" in build(3, *args, "--records", 12, check=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was written
+    build(3, *args)  # the same arguments: a finished build stays as it is
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    build(3, *args, "--seed", 3, "--records-per-shard", 2, "--restart")
+    ids = [record.id for record in read_records(out)]
+    assert len(ids) == len(set(ids)) == StageInfo.read(out).num_records == 10
+    assert StageInfo.read(out).config["seed"] == 3
+
+
+def test_a_writer_resumes_only_shards_of_its_own_size(tmp_path):
+    from iadgpt.data.records import ShardWriter, TrainingRecord
+    from iadgpt.data.samples import DataError
+
+    def records():
+        for i in range(7):
+            yield TrainingRecord(id=f"c{i}", task="caption", root="toy", images=[f"{i}.png"], image_roles=["other"],
+                                 messages=[{"role": "user", "content": [{"type": "image"}]},
+                                           {"role": "assistant", "content": "A part."}])
+
+    writer = ShardWriter(tmp_path / "s", StageInfo(stage=1, roots={"toy": "/data"}), records_per_shard=5)
+    writer.write(records())
+    writer.close()  # shards of 5 and 2
+    with pytest.raises(DataError, match=r"\(5 records in shard-00000.jsonl -> 4 per shard\); re-run with the same "
+                                        "arguments to resume it, or add --restart"):
+        ShardWriter(tmp_path / "s", StageInfo(stage=1, roots={"toy": "/data"}), records_per_shard=4)
+    writer = ShardWriter(tmp_path / "s", StageInfo(stage=1, roots={"toy": "/data"}), records_per_shard=5)
+    writer.write(records())
+    assert writer.close().num_records == 7  # the finished build's short last shard counts as it is
+    assert [r.id for r in read_records(tmp_path / "s")] == [f"c{i}" for i in range(7)]
+
+
 def test_benchmark_test_split_never_leaks(factory, tmp_path):
     build(2, "--dataset", f"fac=mvtec:{factory}", "--records", 15, "--benchmark", f"mvtec:{factory}",
           "--out", tmp_path / "s2")
@@ -211,6 +251,44 @@ def test_skip_bad_counts_what_it_leaves_out(factory, tmp_path, capsys):
     assert mask.name.replace("_mask", "") in error and "mask" in error
     build(2, "--dataset", f"fac=mvtec:{copy}", "--records", 6, "--skip-bad", "--out", tmp_path / "lenient")
     assert "fac: skipped 1 bad samples" in capsys.readouterr().out
+
+
+def test_a_truncated_exemplar_is_named_at_build_time_and_skip_bad_counts_it(factory, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "fac"
+    shutil.copytree(factory, copy)
+    category = sorted(p for p in copy.iterdir() if p.is_dir())[0]
+    truncated = sorted((category / "train" / "good").glob("*.png"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    error = build(3, "--dataset", f"fac=mvtec:{copy}", "--records", 20, "--out", tmp_path / "strict", check=False)
+    assert error.startswith(f"stage3.py: {truncated.resolve()}: cannot decode image: corrupt or truncated image")
+    assert error.endswith("(--skip-bad leaves such samples out)")
+    assert not (tmp_path / "strict").exists()
+    capsys.readouterr()
+    build(3, "--dataset", f"fac=mvtec:{copy}", "--records", 20, "--skip-bad", "--out", tmp_path / "lenient")
+    assert "fac: skipped 1 bad samples (1 unreadable image or mask)" in capsys.readouterr().out
+    info = StageInfo.read(tmp_path / "lenient")
+    used = {info.image_path(r, path).resolve() for r in read_records(tmp_path / "lenient") for path in r.images}
+    assert truncated.resolve() not in used and len(used) > 20
+
+
+def test_exactly_k_train_normals_draw_exemplars_from_the_whole_normal_pool(tmp_path):
+    factory = tmp_path / "fac"
+    make_synthetic(factory, categories=2, seed=0, image_size=64, train_normals=4, test_normals=3,
+                   test_anomalies_per_kind=1)
+    build(3, "--dataset", f"fac=mvtec:{factory}", "--records", 40, "--shots", 4, "--out", tmp_path / "s3")
+    records = list(read_records(tmp_path / "s3"))
+    assert len(records) == 40
+    for record in records:
+        exemplars = [path for path, role in zip(record.images, record.image_roles) if role == "exemplar"]
+        query = record.images[record.image_roles.index("query")]
+        assert len(set(exemplars)) == 4 and query not in exemplars
+        assert all("/good/" in path for path in exemplars)
+    # A train-normal query leaves 3 train normals: its exemplars include a test normal.
+    train_queries = [r for r in records if "/train/" in r.images[-1]]
+    assert train_queries
+    assert all(any("/test/" in path for path in r.images[:4]) for r in train_queries)
 
 
 def test_instruction_data_becomes_few_shot_where_the_category_is_known(factory, tmp_path):

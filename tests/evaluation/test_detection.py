@@ -195,6 +195,49 @@ def test_an_interrupted_run_resumes_without_scoring_finished_queries(baseline, t
     assert finished.queries == 0
 
 
+def test_the_cache_is_keyed_by_the_model_files_the_root_and_each_image_file(tiny_checkpoint, dataset, inspector,
+                                                                             tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    run = settings(model, dataset, tmp_path / "out", shots=[1], seeds=1)
+
+    def scored(run_settings=run) -> int:
+        counter = CountingInspector(inspector)
+        run_detection(run_settings, inspector=counter)
+        return counter.queries
+
+    assert scored() == QUERIES_PER_RUN
+    assert scored() == 0
+    # New weights at the same path: nothing is reused.
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert scored() == QUERIES_PER_RUN
+    # So are other IADGPT settings in config.json.
+    config = json.loads((model / "config.json").read_text())
+    config["iadgpt"]["exemplar_retention"] = 0.5
+    (model / "config.json").write_text(json.dumps(config))
+    assert scored() == QUERIES_PER_RUN
+    assert scored() == 0
+    # The same relative paths under another root are other images.
+    other_root = tmp_path / "copy"
+    shutil.copytree(dataset, other_root)
+    assert scored(settings(model, other_root, tmp_path / "out", shots=[1], seeds=1)) == QUERIES_PER_RUN
+    # An edited query is scored again, alone; an edited reference re-scores its category.
+    query = next((other_root / "disc" / "test" / "good").glob("*.png"))
+    os.utime(query, ns=(query.stat().st_atime_ns, query.stat().st_mtime_ns + 10**9))
+    assert scored(settings(model, other_root, tmp_path / "out", shots=[1], seeds=1)) == 1
+    plan = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    reference = other_root / plan["categories"]["tile"]["references"]["1"]["0"][0]
+    os.utime(reference, ns=(reference.stat().st_atime_ns, reference.stat().st_mtime_ns + 10**9))
+    assert scored(settings(model, other_root, tmp_path / "out", shots=[1], seeds=1)) == QUERIES_PER_RUN // 2
+
+
 # -- datasets without a train split --------------------------------------------------------------------
 def test_folder_layout_draws_references_from_test_normals_and_does_not_score_them(tiny_checkpoint, inspector,
                                                                                   tmp_path):

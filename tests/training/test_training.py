@@ -37,7 +37,9 @@ def run_train(config_overrides, launcher=None, env=None, check=True, resume=Fals
 
 def losses(output_dir):
     rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}  # a resumed step overwrites its lost first try
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"  # resumes cut the log back
+    return {row["step"]: row["loss"] for row in rows}
 
 
 def test_killed_run_resumes_to_the_same_losses_and_weights(tiny_checkpoint, toy_stage, tmp_path):
@@ -63,13 +65,23 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(tiny_checkpoint, toy_
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_missing_previous_stage_and_unknown_key_fail_before_training(tmp_path, toy_stage):
+def test_missing_previous_stage_and_unknown_key_fail_before_training(tmp_path, toy_stage, tiny_checkpoint):
     result = run_train([f"model={tmp_path / 'out2'}", f"data={toy_stage}", f"output_dir={tmp_path / 'o'}"],
                        check=False)
     assert result.returncode != 0
     assert "does not exist (the output of stage 2? run it first)" in result.stderr
     result = run_train(["learning_rat=1e-5"], check=False)
     assert "unknown key 'learning_rat'; did you mean 'learning_rate'" in result.stderr
+    # A file that cannot be read is one line naming it, not a traceback.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(toy_stage, broken)
+    (broken / "shard-00001.jsonl").unlink()
+    result = run_train([f"model={tiny_checkpoint}", f"data={broken}", f"output_dir={tmp_path / 'o'}"], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == f"train.py: {broken / 'shard-00001.jsonl'}: No such file or directory"
 
 
 def test_lora_training_merges_into_a_plain_checkpoint_with_the_same_outputs(tiny_checkpoint, toy_stage, tmp_path,
