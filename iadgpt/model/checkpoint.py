@@ -25,6 +25,11 @@ from .settings import IADGPTSettings, evenly_spaced_layers
 from .tokenizer import QWEN2_5_VL_CHAT_TEMPLATE, build_offline_qwen_tokenizer, build_qwen2_5_tokenizer
 
 
+# The released Qwen2.5-VL processor's pixel limits (preprocessor_config.json): 4 x 28 x 28 and 16384 x 28 x 28.
+QWEN2_5_VL_MIN_PIXELS = 3136
+QWEN2_5_VL_MAX_PIXELS = 12845056
+
+
 @dataclass(frozen=True)
 class ModelPreset:
     """Sizes of an offline Qwen2.5-VL checkpoint. The 7B model is, for comparison: text 3584 wide,
@@ -128,7 +133,7 @@ def released_qwen2_5_vl(text_hidden: int, text_heads: int, text_kv_heads: int, t
         tokenizer="qwen2.5", embedding_rows=embedding_rows, tie_word_embeddings=tie_word_embeddings,
         rms_norm_eps=1e-6, max_position_embeddings=128000, tokens_per_second=2, pad_token_in_config=False,
         dtype="bfloat16",
-        min_pixels=3136, max_pixels=12845056,
+        min_pixels=QWEN2_5_VL_MIN_PIXELS, max_pixels=QWEN2_5_VL_MAX_PIXELS,
     )
 
 
@@ -297,14 +302,68 @@ def check_checkpoint(name_or_path: str | os.PathLike) -> None:
                          "(model_type 'qwen2_5_vl'), e.g. Qwen/Qwen2.5-VL-7B-Instruct or `iadgpt init-model`.")
 
 
-def load_processor(name_or_path: str | os.PathLike, **kwargs):
-    """The checkpoint's processor; without torchvision, the same processor minus its video part."""
+def load_processor(name_or_path: str | os.PathLike, min_pixels: int | None = None, max_pixels: int | None = None,
+                   **kwargs):
+    """The checkpoint's processor; without torchvision, the same processor minus its video part.
+
+    `min_pixels` / `max_pixels` replace the image processor's limits (`set_pixel_limits`); None
+    keeps the checkpoint's own.
+    """
     check_checkpoint(name_or_path)
     try:
         import torchvision  # noqa: F401
     except Exception:  # missing, or a build that does not match torch
-        return ImageOnlyQwen2_5_VLProcessor.from_pretrained(name_or_path, **kwargs)
-    return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(name_or_path, **kwargs)
+    else:
+        processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+    return set_pixel_limits(processor, min_pixels, max_pixels)
+
+
+# -- the pixel budget ----------------------------------------------------------------------------
+# Qwen2.5-VL resizes every image to multiples of patch x merge pixels (28) with an area between
+# min_pixels and max_pixels (`smart_resize`). Box coordinates in the training records are pixels of
+# that resized image, so the builders, the collator, training and evaluation must share one pair of
+# limits: the loaded processor's, changed only through `set_pixel_limits` (which the saved
+# processor then carries on).
+def pixel_limits(processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) the processor (or image processor) resizes images between."""
+    image_processor = getattr(processor, "image_processor", processor)
+    size = image_processor.size
+    return int(size["shortest_edge"]), int(size["longest_edge"])
+
+
+def set_pixel_limits(processor, min_pixels: int | None = None, max_pixels: int | None = None):
+    """Set the image processor's pixel limits in place (None keeps that one); returns the processor."""
+    from transformers.image_utils import SizeDict
+
+    if min_pixels is None and max_pixels is None:
+        return processor
+    image_processor = getattr(processor, "image_processor", processor)
+    current_min, current_max = pixel_limits(image_processor)
+    low = current_min if min_pixels is None else min_pixels
+    high = current_max if max_pixels is None else max_pixels
+    check_pixel_limits(low, high)
+    image_processor.size = SizeDict(shortest_edge=int(low), longest_edge=int(high))
+    return processor
+
+
+def check_pixel_limits(min_pixels: int, max_pixels: int) -> None:
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: a pixel limit is a positive whole number of pixels (an image's area "
+                             f"after resizing; the released Qwen2.5-VL processor: {QWEN2_5_VL_MIN_PIXELS} .. "
+                             f"{QWEN2_5_VL_MAX_PIXELS}).")
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}.")
+
+
+def add_pixel_limit_arguments(parser, what: str = "the model's processor's") -> None:
+    """`--min-pixels` / `--max-pixels` of a command that loads a processor (default: `what`)."""
+    parser.add_argument("--min-pixels", type=int, metavar="N",
+                        help=f"smallest image area after resizing (default: {what})")
+    parser.add_argument("--max-pixels", type=int, metavar="N",
+                        help=f"largest image area after resizing, caps visual tokens per image (default: {what}; "
+                             f"the released Qwen2.5-VL processor: {QWEN2_5_VL_MAX_PIXELS})")
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto", attn_implementation: str = "sdpa",

@@ -21,6 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.records import StageInfo, TrainingRecord, read_records
+from ..data.tasks import ResizeRule
 from ..model.checkpoint import check_checkpoint, load_model, load_processor
 from .collator import RecordCollator, record_length
 from .config import TrainConfig
@@ -100,6 +101,7 @@ def load_stage_data(cfg: TrainConfig, processor, main_process: bool) -> tuple[St
     if not folder.is_dir():
         raise TrainingSetupError(f"data folder {folder} does not exist; build it with data_builders/stage{cfg.stage}.py")
     info = StageInfo.read(folder)
+    check_pixel_frame(info, folder, processor)
     kept, report = [], {"records": 0, "too_long": [], "longest": 0}
     for record in read_records(folder):
         report["records"] += 1
@@ -120,6 +122,19 @@ def load_stage_data(cfg: TrainConfig, processor, main_process: bool) -> tuple[St
         print(f"Skipped {len(report['too_long'])} of {report['records']} records longer than max_length="
               f"{cfg.max_length} tokens (first: {report['too_long'][:5]}); raise max_length to keep them.")
     return info, RecordList(kept), report
+
+
+def check_pixel_frame(info: StageInfo, folder: Path, processor) -> None:
+    """The stage's box coordinates must be pixels of the images as this processor resizes them."""
+    if info.pixels is None:
+        return  # no boxes (stage 1), or built before the resize was recorded
+    ours = asdict(ResizeRule.of_processor(processor))
+    if info.pixels != ours:
+        raise TrainingSetupError(
+            f"{folder} was built with boxes in images resized by {info.pixels}, but the model's processor (with "
+            f"min_pixels / max_pixels) resizes by {ours}: the boxes would point at the wrong pixels. Set min_pixels="
+            f"{info.pixels['min_pixels']} max_pixels={info.pixels['max_pixels']}, or rebuild the stage for this model "
+            f"(the builder's --model, or --min-pixels {ours['min_pixels']} --max-pixels {ours['max_pixels']}).")
 
 
 def _as_row(record: TrainingRecord) -> dict:
@@ -159,7 +174,10 @@ def build_model(cfg: TrainConfig, main_process: bool):
     except FileNotFoundError as err:
         hint = f" (the output of stage {cfg.stage - 1}? run it first)" if cfg.stage > 1 else ""
         raise TrainingSetupError(f"model {cfg.model} does not exist{hint}") from err
-    processor = load_processor(cfg.model)
+    try:
+        processor = load_processor(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    except ValueError as err:  # a bad pixel limit
+        raise TrainingSetupError(str(err)) from err
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     dtype = torch.float32 if not torch.cuda.is_available() else dtype
     model = load_model(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation, iadgpt=cfg.iadgpt,

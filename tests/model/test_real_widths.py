@@ -185,7 +185,10 @@ def test_inspection_at_7b_width(tmp_path):
     assert model.yes_no_token_ids == (9454, 2753)
 
     rng = np.random.default_rng(0)
-    image = lambda height, width: Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))  # noqa: E731
+
+    def image(height: int, width: int) -> Image.Image:
+        return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
     queries = [image(224, 224), image(230, 290)]
     normals = [[image(224, 224), image(224, 224)], [image(230, 290), image(196, 252)]]
     results = inspector.inspect(queries, normals)
