@@ -6,7 +6,9 @@
 Three proxy tasks in turn: the odd image out of a group of one product, the regions where two
 images of one product differ, and the irregular region of a single image (regions in
 Qwen2.5-VL's bbox_2d format). `--replay` mixes in a share of the previous stage's records
-(paper: 50% of stage 1).
+(paper: 50% of stage 1). Boxes are pixels of the image as the trained model's processor resizes it:
+`--model` reads its limits (default: the released Qwen2.5-VL processor's), `--min-pixels` /
+`--max-pixels` change them; training then needs the same (`min_pixels` / `max_pixels`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from iadgpt.data.builders import (
     add_dataset_arguments,
     benchmark_test_images,
     index_sources,
+    pixel_rule,
     stage2_records,
     stage_roots,
     write_with_replay,
 )
-from iadgpt.data.tasks import ResizeRule
 
 
 def main(argv=None) -> None:
@@ -48,10 +50,11 @@ def build(argv=None) -> None:
     sources = [DatasetSource.parse(d) for d in args.dataset]
     held_out = benchmark_test_images([DatasetSource.parse(b) for b in args.benchmark])
     pools = index_sources(sources, held_out, skip_bad=args.skip_bad)
+    resize = pixel_rule(args)
     options = Stage2Options(records=args.records, group_size=args.group_size,
-                            synthetic_fraction=args.synthetic_fraction, resize=ResizeRule(max_pixels=args.max_pixels))
+                            synthetic_fraction=args.synthetic_fraction, resize=resize)
     records = stage2_records(pools, SyntheticDefects(out / "synthetic", pools), options, args.seed)
-    info = write_with_replay(args, 2, stage_roots(out, sources), records, held_out)
+    info = write_with_replay(args, 2, stage_roots(out, sources), records, held_out, pixels=resize)
     print(f"Wrote {info.num_records} stage-2 records in {len(info.shards)} shards to {out}")
 
 

@@ -7,7 +7,10 @@ Every record shows k normal exemplars of the query's product, then the query, th
 whether it is defective (answered "Yes"/"No" first: the image score), where (bbox_2d boxes; the
 query's mask also feeds the pixel loss), or what the defect is (answered with the dataset's
 caption of that image, where it has one). `--abnormal-references N` also shows N defective
-examples of the product (as in NAGL). `--replay` mixes in a share of stage 2 (paper: 80%).
+examples of the product (as in NAGL). `--replay` mixes in a share of stage 2 (paper: 80%). Boxes
+are pixels of the image as the trained model's processor resizes it: `--model` reads its limits
+(default: the released Qwen2.5-VL processor's), `--min-pixels` / `--max-pixels` change them;
+training then needs the same (`min_pixels` / `max_pixels`).
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from iadgpt.data.builders import (
     index_sources,
     instruction_records,
     load_captions,
+    pixel_rule,
     stage3_records,
     write_with_replay,
 )
 from iadgpt.data.readers import LLaVAConversationReader
 from iadgpt.data.samples import DataError
-from iadgpt.data.tasks import ResizeRule
 
 
 def main(argv=None) -> None:
@@ -56,8 +59,9 @@ def build(argv=None) -> None:
     sources = [DatasetSource.parse(d) for d in args.dataset]
     held_out = benchmark_test_images([DatasetSource.parse(b) for b in args.benchmark])
     pools = index_sources(sources, held_out, set(args.categories) if args.categories else None, args.skip_bad)
+    resize = pixel_rule(args)
     options = Stage3Options(records=args.records, shots=tuple(args.shots), abnormal_references=args.abnormal_references,
-                            resize=ResizeRule(max_pixels=args.max_pixels))
+                            resize=resize)
     records = stage3_records(pools, options, args.seed, load_captions(sources))
     roots = {s.name: str(s.root) for s in sources}
     for number, path in enumerate(args.instructions):
@@ -66,7 +70,7 @@ def build(argv=None) -> None:
         roots[f"instructions{number}"] = str(image_root.resolve())
         records = chain(records, instruction_records(reader.conversations(), image_root, pools,
                                                      args.instruction_shots, args.seed, f"instructions{number}"))
-    info = write_with_replay(args, 3, roots, records, held_out)
+    info = write_with_replay(args, 3, roots, records, held_out, pixels=resize)
     print(f"Wrote {info.num_records} stage-3 records in {len(info.shards)} shards to {args.out}")
 
 

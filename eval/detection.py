@@ -26,6 +26,7 @@ import sys
 from iadgpt.data.readers import DATASET_KINDS
 from iadgpt.data.samples import DataError
 from iadgpt.evaluation.detection import DetectionSettings, DetectionSetupError, distributed_state, run_detection
+from iadgpt.model.checkpoint import add_pixel_limit_arguments
 
 
 def parse_settings(argv: list[str] | None = None) -> DetectionSettings:
@@ -42,12 +43,13 @@ def parse_settings(argv: list[str] | None = None) -> DetectionSettings:
     parser.add_argument("--max-queries-per-category", type=int, help="score a class-proportional subset")
     parser.add_argument("--map-size", type=int, default=256, help="long side of maps and masks when compared")
     parser.add_argument("--overlays-per-category", type=int, default=4, help="heatmap overlays per category")
+    add_pixel_limit_arguments(parser)
     args = parser.parse_args(argv)
     return DetectionSettings(
         model=args.model, dataset=args.dataset, root=args.root, out=args.out, shots=args.shots, seeds=args.seeds,
         manifest=args.manifest, batch_size=args.batch_size, categories=args.categories,
         max_queries_per_category=args.max_queries_per_category, map_size=args.map_size,
-        overlays_per_category=args.overlays_per_category)
+        overlays_per_category=args.overlays_per_category, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 
 
 def main(argv: list[str] | None = None) -> None:

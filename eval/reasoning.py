@@ -21,6 +21,7 @@ import sys
 from iadgpt.data.samples import DataError
 from iadgpt.evaluation import reasoning
 from iadgpt.inspection import Inspector
+from iadgpt.model.checkpoint import add_pixel_limit_arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="conversations generated together")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (VisA-D&R)")
     parser.add_argument("--limit", type=int, help="only the first N items of each file (a quick look)")
+    add_pixel_limit_arguments(parser)
     args = parser.parse_args(argv)
     if not args.data and not args.mmad:
         parser.error("give --data (VisA-D&R) and/or --mmad")
@@ -58,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    inspector = Inspector.from_pretrained(args.model)
+    try:
+        inspector = Inspector.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    except ValueError as err:  # a bad pixel limit or model folder
+        raise SystemExit(f"eval/reasoning.py: {err}") from None
     results: dict = {"model": args.model}
     try:
         if args.data:

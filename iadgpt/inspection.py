@@ -69,8 +69,11 @@ class Inspector:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype="auto", attn_implementation: str = "sdpa",
-                        iadgpt: dict | None = None, **kwargs) -> "Inspector":
-        processor = load_processor(name_or_path)
+                        iadgpt: dict | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+                        **kwargs) -> "Inspector":
+        """`min_pixels` / `max_pixels`: the images' area limits after resizing (None: the checkpoint
+        processor's, which training saved with the limits it trained at)."""
+        processor = load_processor(name_or_path, min_pixels=min_pixels, max_pixels=max_pixels)
         model = load_model(name_or_path, dtype=dtype, attn_implementation=attn_implementation, iadgpt=iadgpt,
                            processor=processor)
         return cls(model, processor, **kwargs)

@@ -629,12 +629,13 @@ class Quickstart:
         held_out = self.benchmark_images()
         pools = index_sources(self.sources(), held_out)
         roots = stage_roots(out, self.sources())
+        resize = self.resize_rule()
         records = stage2_records(pools, SyntheticDefects(out / "synthetic", pools),
-                                 Stage2Options(records=s.stage2_records, resize=self.resize_rule()), s.seed)
+                                 Stage2Options(records=s.stage2_records, resize=resize), s.seed)
         if s.stage2_replay > 0 and 1 in s.stages:
-            roots, records = with_replay(roots, records, self.paths.stage_data(1), s.stage2_replay, s.seed)
+            roots, records = with_replay(roots, records, self.paths.stage_data(1), s.stage2_replay, s.seed, resize)
         info = write_stage(out, 2, roots, records, held_out, config={"quickstart": s.document()},
-                           progress_total=s.stage2_records)
+                           progress_total=s.stage2_records, pixels=resize)
         return {"records": info.num_records}
 
     def make_stage3_data(self) -> dict:
@@ -645,13 +646,14 @@ class Quickstart:
         sources = self.sources()
         pools = index_sources(sources, held_out)
         roots = {source.name: str(source.root) for source in sources}
+        resize = self.resize_rule()
         options = Stage3Options(records=s.stage3_records, localization_fraction=s.localization_fraction,
-                                reasoning_fraction=s.reasoning_fraction, resize=self.resize_rule())
+                                reasoning_fraction=s.reasoning_fraction, resize=resize)
         records = stage3_records(pools, options, s.seed, load_captions(sources))
         if s.stage3_replay > 0 and 2 in s.stages:
-            roots, records = with_replay(roots, records, self.paths.stage_data(2), s.stage3_replay, s.seed)
+            roots, records = with_replay(roots, records, self.paths.stage_data(2), s.stage3_replay, s.seed, resize)
         info = write_stage(self.paths.stage_data(3), 3, roots, records, held_out, config={"quickstart": s.document()},
-                           progress_total=s.stage3_records)
+                           progress_total=s.stage3_records, pixels=resize)
         return {"records": info.num_records}
 
     # -- training ---------------------------------------------------------------------------------

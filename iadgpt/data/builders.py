@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..model.checkpoint import add_pixel_limit_arguments
 from ..model.settings import DetectionQuestion
 from . import tasks
 from .readers import open_dataset
@@ -451,11 +452,15 @@ def replayed(folder: Path, ratio: float, seed: int) -> tuple[dict[str, str], Ite
 
 def write_stage(out: Path, stage: int, roots: dict[str, str], records: Iterable[TrainingRecord],
                 benchmark_test: set[Path] = frozenset(), records_per_shard: int = 1000, resume: bool = True,
-                config: dict | None = None, progress_total: int | None = None) -> StageInfo:
+                config: dict | None = None, progress_total: int | None = None,
+                pixels: tasks.ResizeRule | None = None) -> StageInfo:
+    """Write the records into `out`; `pixels` is the resize their box coordinates are in (recorded
+    in info.json, for training to check against its processor)."""
     from tqdm.auto import tqdm
 
     # Absolute roots: the stage folder is read from wherever training is launched.
-    info = StageInfo(stage=stage, roots={k: str(Path(v).resolve()) for k, v in roots.items()}, config=config or {})
+    info = StageInfo(stage=stage, roots={k: str(Path(v).resolve()) for k, v in roots.items()}, config=config or {},
+                     pixels=asdict(pixels) if pixels else None)
     writer = ShardWriter(out, info, records_per_shard=records_per_shard, resume=resume)
     guard = LeakGuard(set(benchmark_test), info)
     writer.write(guard.check(r) for r in tqdm(records, total=progress_total, desc=f"stage {stage} records",
@@ -491,7 +496,10 @@ def add_dataset_arguments(parser, replay_ratio: float) -> None:
     parser.add_argument("--replay-ratio", type=float, default=replay_ratio, help="share of its records mixed in")
     parser.add_argument("--benchmark", action="append", default=[], metavar="KIND:ROOT",
                         help="a benchmark dataset whose test split must never appear in training records")
-    parser.add_argument("--max-pixels", type=int, default=28 * 28 * 1280, help="the target processor's max_pixels")
+    parser.add_argument("--model", help="checkpoint the records are for: box coordinates are in pixels of its "
+                                        "processor's resize (default: the released Qwen2.5-VL processor's)")
+    add_pixel_limit_arguments(parser, "--model's processor's, else the released Qwen2.5-VL processor's; train with "
+                                      "the same")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--records-per-shard", type=int, default=1000)
     parser.add_argument("--restart", action="store_true", help="rebuild from scratch instead of resuming")
@@ -500,19 +508,45 @@ def add_dataset_arguments(parser, replay_ratio: float) -> None:
 
 
 def with_replay(roots: dict[str, str], records: Iterable[TrainingRecord], folder: Path, ratio: float,
-                seed: int) -> tuple[dict[str, str], Iterator[TrainingRecord]]:
+                seed: int, pixels: tasks.ResizeRule | None = None) -> tuple[dict[str, str], Iterator[TrainingRecord]]:
     """The new records followed by the replayed `ratio` share of an earlier stage's `folder`, with
-    the roots of both."""
+    the roots of both. With `pixels`, an earlier stage whose boxes are in another resize is refused."""
+    check_same_pixels(Path(folder), pixels)
     replay_roots, replay_records = replayed(Path(folder), ratio, seed)
     return {**roots, **replay_roots}, (r for part in (records, replay_records) for r in part)
 
 
+def check_same_pixels(folder: Path, pixels: tasks.ResizeRule | None) -> None:
+    """Refuse to mix in a stage whose box coordinates are in another resize than `pixels`."""
+    recorded = StageInfo.read(folder).pixels
+    if pixels is not None and recorded is not None and recorded != asdict(pixels):
+        raise ValueError(f"{folder} was built for images resized with {recorded}, this stage with {asdict(pixels)}: "
+                         "their box coordinates are in different pixel frames. Build both with the same --model / "
+                         "--min-pixels / --max-pixels.")
+
+
+def pixel_rule(args) -> tasks.ResizeRule:
+    """The resize the builder computes box coordinates in: `--model`'s processor's (default: the released
+    Qwen2.5-VL processor's), with `--min-pixels` / `--max-pixels` over it."""
+    rule = tasks.ResizeRule()
+    if args.model:
+        from ..model.checkpoint import load_processor
+
+        try:
+            rule = tasks.ResizeRule.of_processor(load_processor(args.model))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--model {args.model}: cannot read its processor's pixel limits ({err})") from err
+    return replace(rule, min_pixels=rule.min_pixels if args.min_pixels is None else args.min_pixels,
+                   max_pixels=rule.max_pixels if args.max_pixels is None else args.max_pixels)
+
+
 def write_with_replay(args, stage: int, roots: dict[str, str], records: Iterator[TrainingRecord],
-                      benchmark_test: set[Path]) -> StageInfo:
-    """Write the new records, then the replayed share of `--replay`, into `--out`."""
+                      benchmark_test: set[Path], pixels: tasks.ResizeRule | None = None) -> StageInfo:
+    """Write the new records, then the replayed share of `--replay`, into `--out`; `pixels` is the
+    resize the records' boxes are in (`pixel_rule(args)`)."""
     total = args.records
     if args.replay:
-        roots, records = with_replay(roots, records, args.replay, args.replay_ratio, args.seed)
+        roots, records = with_replay(roots, records, args.replay, args.replay_ratio, args.seed, pixels)
         total = None
     return write_stage(Path(args.out), stage, roots, records, benchmark_test, args.records_per_shard,
-                       resume=not args.restart, config=vars(args), progress_total=total)
+                       resume=not args.restart, config=vars(args), progress_total=total, pixels=pixels)

@@ -105,6 +105,10 @@ class StageInfo:
     num_records: int = 0
     complete: bool = False
     config: dict[str, Any] = field(default_factory=dict)
+    pixels: dict[str, int] | None = None
+    """The image resize the records' box coordinates are in (`tasks.ResizeRule` as a dict: factor,
+    min_pixels, max_pixels); training refuses a processor that resizes otherwise. None: the stage
+    writes no boxes (stage 1), or was built before this was recorded."""
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "StageInfo":

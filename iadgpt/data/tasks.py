@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..model.checkpoint import QWEN2_5_VL_MAX_PIXELS, QWEN2_5_VL_MIN_PIXELS, check_pixel_limits, pixel_limits
 from ..model.prompts import few_shot_messages
 from ..model.settings import DetectionQuestion
 
@@ -29,11 +30,28 @@ REASONING_QUESTION = "Compare the query image with the normal examples. Describe
 
 @dataclass(frozen=True)
 class ResizeRule:
-    """How the target processor resizes images (Qwen2.5-VL's smart_resize), for box coordinates."""
+    """How the target processor resizes images (Qwen2.5-VL's smart_resize), for box coordinates.
+
+    The defaults are the released Qwen2.5-VL processor's; `of_processor` reads a loaded one's. A
+    stage folder records the rule its boxes were computed with (`StageInfo.pixels`), and training
+    refuses a processor that resizes otherwise.
+    """
 
     factor: int = 28
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
+    """Side that both resized sides are multiples of: patch size x spatial merge (Qwen2.5-VL: 28)."""
+    min_pixels: int = QWEN2_5_VL_MIN_PIXELS
+    """Smallest image area after resizing."""
+    max_pixels: int = QWEN2_5_VL_MAX_PIXELS
+    """Largest image area after resizing."""
+
+    def __post_init__(self):
+        check_pixel_limits(self.min_pixels, self.max_pixels)
+
+    @classmethod
+    def of_processor(cls, processor) -> "ResizeRule":
+        """The rule a loaded processor (or image processor) resizes by."""
+        image_processor = getattr(processor, "image_processor", processor)
+        return cls(image_processor.patch_size * image_processor.merge_size, *pixel_limits(image_processor))
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize

@@ -111,6 +111,12 @@ class DetectionSettings:
     """Long side, in pixels, at which maps and masks are compared."""
     overlays_per_category: int = 4
     """Heatmap overlays written per category (from the first seed of the largest k)."""
+    min_pixels: int | None = None
+    """Smallest image area after resizing (None: the model's processor's, which training saved with
+    the limits it trained at)."""
+    max_pixels: int | None = None
+    """Largest image area after resizing; caps the visual tokens per image (None: the model's
+    processor's). Cached scores are reused only under the same limits."""
 
     def validate(self) -> None:
         if self.dataset not in DATASET_KINDS:
@@ -484,10 +490,10 @@ def distributed_state():
     return PartialState(cpu=use_cpu)
 
 
-def load_inspector(model: str, batch_size: int, device):
+def load_inspector(model: str, batch_size: int, device, min_pixels: int | None = None, max_pixels: int | None = None):
     from ..inspection import Inspector
 
-    inspector = Inspector.from_pretrained(model, batch_size=batch_size)
+    inspector = Inspector.from_pretrained(model, batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels)
     inspector.model.to(device)
     return inspector
 
@@ -517,6 +523,17 @@ def check_model(model: str) -> str:
     except (FileNotFoundError, ValueError) as error:
         raise DetectionSetupError(str(error)) from error
     return str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
+
+
+def evaluation_pixel_limits(settings: DetectionSettings) -> tuple[int, int]:
+    """(min_pixels, max_pixels) the queries are scored at: the settings' over the model processor's."""
+    from ..model.checkpoint import load_processor, pixel_limits
+
+    try:
+        return pixel_limits(load_processor(settings.model, min_pixels=settings.min_pixels,
+                                           max_pixels=settings.max_pixels))
+    except ValueError as error:
+        raise DetectionSetupError(str(error)) from error
 
 
 def score_run(plan: BenchmarkPlan, k: int, seed: int, inspector, cache: ScoreCache, cached: dict[str, dict],
@@ -651,6 +668,7 @@ def run_detection(settings: DetectionSettings, inspector=None) -> dict | None:
 
     # 1. Everything that can be wrong with the input fails here, before the model is loaded.
     model_id = check_model(settings.model)
+    pixels = evaluation_pixel_limits(settings)
     plan = plan_benchmark(settings)
     truth = load_ground_truth(plan, settings.map_size)
     if settings.manifest:
@@ -664,13 +682,15 @@ def run_detection(settings: DetectionSettings, inspector=None) -> dict | None:
 
     # 2. One forward pass per query not yet in the cache.
     started = time.monotonic()
-    inspector = inspector or load_inspector(settings.model, settings.batch_size, state.device)
+    inspector = inspector or load_inspector(settings.model, settings.batch_size, state.device, *pixels)
     from accelerate.utils import broadcast_object_list
 
     # the model's files, not its path, key the cache; hashed once (a 7B model is ~15 GB), shared by all ranks
     weights = broadcast_object_list([model_digest(settings.model) if state.is_main_process else None])[0]
-    say(f"{len(plan.categories)} categories, runs (k, seed): {plan.runs()}, {state.num_processes} process(es)")
-    records = {run: score_run(plan, *run, inspector, cache, cached[run], truth, weights, settings.batch_size,
+    say(f"{len(plan.categories)} categories, runs (k, seed): {plan.runs()}, {state.num_processes} process(es), "
+        f"images resized to {pixels[0]} .. {pixels[1]} pixels")
+    scored_by = json.dumps([weights, {"min_pixels": pixels[0], "max_pixels": pixels[1]}])  # what the cache keys on
+    records = {run: score_run(plan, *run, inspector, cache, cached[run], truth, scored_by, settings.batch_size,
                               state, say) for run in plan.runs()}
     scoring_seconds = time.monotonic() - started
     if not state.is_main_process:
@@ -706,7 +726,8 @@ def run_detection(settings: DetectionSettings, inspector=None) -> dict | None:
     reports.write_json(out / "run_info.json", {
         "model": model_id, "model_sha256": weights, "dataset": {"kind": plan.kind, "root": str(plan.root)}, "runs": plan.runs(),
         "categories": list(plan.categories), "processes": state.num_processes, "queries_scored_or_cached": queries,
-        "map_size": settings.map_size, "max_fpr": DEFAULT_MAX_FPR, "scoring_seconds": round(scoring_seconds, 2),
+        "map_size": settings.map_size, "min_pixels": pixels[0], "max_pixels": pixels[1],
+        "max_fpr": DEFAULT_MAX_FPR, "scoring_seconds": round(scoring_seconds, 2),
         "evaluation_seconds": round(time.monotonic() - started, 2)})
     say(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return results

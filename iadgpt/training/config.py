@@ -97,6 +97,13 @@ class TrainConfig:
     """Attention kernel of both towers; flash_attention_2 needs the `gpu` extra."""
     max_length: int = 8192
     """Records longer than this many tokens are skipped and reported (never cut inside an image)."""
+    min_pixels: int | None = None
+    """Smallest image area after resizing. None: the model's processor's (released Qwen2.5-VL: 3136).
+    Together with max_pixels this is the pixel frame of the records' boxes, so it must be the one
+    the stage was built with (checked); the saved model's processor keeps it for evaluation."""
+    max_pixels: int | None = None
+    """Largest image area after resizing; caps the visual tokens per image (a 28 x 28 square is
+    one). None: the model's processor's (released Qwen2.5-VL: 12845056). Must be the stage's."""
     iadgpt: dict[str, Any] = field(default_factory=dict, metadata={"schema": _iadgpt_settings})
     """Overrides of the model's IADGPT settings (`iadgpt.model.settings.IADGPTSettings`, e.g.
     exemplar_retention, pixel_loss_weight), merged into the starting model's; on the command line

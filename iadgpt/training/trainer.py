@@ -24,6 +24,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broad
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.records import StageInfo, TrainingRecord, read_records
+from ..data.tasks import ResizeRule
 from ..model.checkpoint import check_checkpoint, load_model, load_processor
 from ..utils.digests import file_sha256
 from .collator import RecordCollator, record_length
@@ -127,6 +128,7 @@ def load_stage_data(cfg: TrainConfig, processor, main_process: bool) -> tuple[St
     if not folder.is_dir():
         raise TrainingSetupError(f"data folder {folder} does not exist; build it with data_builders/stage{cfg.stage}.py")
     info = StageInfo.read(folder)
+    check_pixel_frame(info, folder, processor)
     kept, report = [], {"records": 0, "too_long": [], "longest": 0}
     for record in read_records(folder):
         report["records"] += 1
@@ -147,6 +149,19 @@ def load_stage_data(cfg: TrainConfig, processor, main_process: bool) -> tuple[St
         print(f"Skipped {len(report['too_long'])} of {report['records']} records longer than max_length="
               f"{cfg.max_length} tokens (first: {report['too_long'][:5]}); raise max_length to keep them.")
     return info, RecordList(kept), report
+
+
+def check_pixel_frame(info: StageInfo, folder: Path, processor) -> None:
+    """The stage's box coordinates must be pixels of the images as this processor resizes them."""
+    if info.pixels is None:
+        return  # no boxes (stage 1), or built before the resize was recorded
+    ours = asdict(ResizeRule.of_processor(processor))
+    if info.pixels != ours:
+        raise TrainingSetupError(
+            f"{folder} was built with boxes in images resized by {info.pixels}, but the model's processor (with "
+            f"min_pixels / max_pixels) resizes by {ours}: the boxes would point at the wrong pixels. Set min_pixels="
+            f"{info.pixels['min_pixels']} max_pixels={info.pixels['max_pixels']}, or rebuild the stage for this model "
+            f"(the builder's --model, or --min-pixels {ours['min_pixels']} --max-pixels {ours['max_pixels']}).")
 
 
 def _as_row(record: TrainingRecord) -> dict:
@@ -186,7 +201,10 @@ def build_model(cfg: TrainConfig, main_process: bool):
     except FileNotFoundError as err:
         hint = f" (the output of stage {cfg.stage - 1}? run it first)" if cfg.stage > 1 else ""
         raise TrainingSetupError(f"model {cfg.model} does not exist{hint}") from err
-    processor = load_processor(cfg.model)
+    try:
+        processor = load_processor(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    except ValueError as err:  # a bad pixel limit
+        raise TrainingSetupError(str(err)) from err
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     dtype = torch.float32 if not torch.cuda.is_available() else dtype
     model = load_model(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation, iadgpt=cfg.iadgpt,
@@ -235,7 +253,11 @@ def build_optimizer(cfg: TrainConfig, model, budget: "StepBudget", num_processes
     """AdamW and a warm-up + cosine learning-rate schedule laid out over `budget.total_steps`, which
     the schedule re-reads at every step (a time budget may re-plan it, `StepBudget`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # The fused kernel updates in place: the loop implementation's temporaries are as large as the
+    # largest parameter (at the released widths, 2.4 GB more for the 3B's embedding). DeepSpeed steps
+    # its own flat partitions and keeps the default.
+    fused = not _deepspeed_launch() and all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None)
     # accelerate steps a prepared scheduler once per process at every optimizer step, so the
     # schedule is laid out over steps x processes to keep the same shape on any number of GPUs.
     warmup_ticks = math.ceil(cfg.warmup_ratio * budget.total_steps * num_processes)
@@ -307,14 +329,19 @@ def weights_fingerprint(accelerator: Accelerator, model) -> list[float]:
     after a step every rank must hold the same model."""
     unwrapped = accelerator.unwrap_model(model)
     total = 0.0
+
+    def absolute_sum(param) -> float:
+        # in slices: a float64 copy of a released model's embedding would take 2.5-4.4 GB
+        return sum(float(part.abs().sum(dtype=torch.float64)) for part in param.detach().flatten().split(1 << 24))
+
     for param in unwrapped.parameters():
         if hasattr(param, "ds_id"):  # a ZeRO-3 partition: gather this one parameter
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([param]):
-                total += float(param.detach().double().abs().sum())
+                total += absolute_sum(param)
         else:
-            total += float(param.detach().double().abs().sum())
+            total += absolute_sum(param)
     from accelerate.utils import gather_object
 
     return gather_object([total])
