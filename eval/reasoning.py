@@ -21,6 +21,7 @@ import sys
 from iadgpt.data.samples import DataError
 from iadgpt.evaluation import reasoning
 from iadgpt.inspection import Inspector
+from iadgpt.model.checkpoint import DEVICE_HELP, DeviceError, device_and_dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="conversations generated together")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (VisA-D&R)")
     parser.add_argument("--limit", type=int, help="only the first N items of each file (a quick look)")
+    parser.add_argument("--device", help=DEVICE_HELP)
     args = parser.parse_args(argv)
+    try:
+        args.device, _ = device_and_dtype(args.device)
+    except DeviceError as err:
+        parser.error(f"--device: {err}")
     if not args.data and not args.mmad:
         parser.error("give --data (VisA-D&R) and/or --mmad")
     if bool(args.gpt_score_url) != bool(args.gpt_score_model):
@@ -58,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    inspector = Inspector.from_pretrained(args.model)
+    inspector = Inspector.from_pretrained(args.model, device=args.device)
     results: dict = {"model": args.model}
     try:
         if args.data:

@@ -474,11 +474,11 @@ def distributed_state():
 
 
 def load_inspector(model: str, batch_size: int, device):
+    """The model on this process's device (accelerate's: its GPU, or the CPU with ACCELERATE_USE_CPU),
+    in that device's dtype (`device_and_dtype`: bf16 on a GPU, fp32 on the CPU)."""
     from ..inspection import Inspector
 
-    inspector = Inspector.from_pretrained(model, batch_size=batch_size)
-    inspector.model.to(device)
-    return inspector
+    return Inspector.from_pretrained(model, device=device, batch_size=batch_size)
 
 
 def check_model(model: str) -> str:
