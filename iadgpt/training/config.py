@@ -65,7 +65,10 @@ class TrainConfig:
     freeze_merger: bool = False
     """With freeze_vision, also freeze the patch merger and the fusion weights."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    """Weights/compute dtype; on a CPU run use "no"."""
+    """Compute dtype without DeepSpeed: the forward runs under accelerate's bf16/fp16 autocast while
+    the weights stay fp32 (the optimizer's master copy; bf16 autocast also runs on a CPU, slower than
+    fp32 there). Under DeepSpeed the launch configuration's mixed_precision decides instead (its
+    engine keeps fp32 master weights itself)."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant, so the pixel loss keeps its gradients)."""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
