@@ -72,7 +72,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant, so the pixel loss keeps its gradients)."""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
-    """Attention kernel of both towers; flash_attention_2 needs the `gpu` extra."""
+    """Attention kernel of both towers. flash_attention_2 runs where the `gpu` extra (flash-attn) and
+    a CUDA device are present; elsewhere sdpa is used, with a one-line warning."""
     max_length: int = 8192
     """Records longer than this many tokens are skipped and reported (never cut inside an image)."""
     iadgpt: dict[str, Any] = field(default_factory=dict)
