@@ -73,7 +73,8 @@ def assert_one_sequence_with_full_positions(call, inputs, keep, full_positions):
 
 def test_a_pruned_row_is_one_sequence_with_full_sequence_positions(model, one_sample):
     [call], out = language_model_calls(model, lambda: model(**one_sample))
-    assert_one_sequence_with_full_positions(call, one_sample, out.kept_tokens, full_sequence_positions(model, one_sample))
+    full_positions = full_sequence_positions(model, one_sample)
+    assert_one_sequence_with_full_positions(call, one_sample, out.kept_tokens, full_positions)
 
 
 def test_generate_prefill_gets_the_same_position_ids(model, one_sample):
