@@ -21,7 +21,7 @@ import sys
 from iadgpt.data.samples import DataError
 from iadgpt.evaluation import reasoning
 from iadgpt.inspection import Inspector
-from iadgpt.model.checkpoint import add_pixel_limit_arguments
+from iadgpt.model.checkpoint import DEVICE_HELP, DeviceError, add_pixel_limit_arguments, device_and_dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,7 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (VisA-D&R)")
     parser.add_argument("--limit", type=int, help="only the first N items of each file (a quick look)")
     add_pixel_limit_arguments(parser)
+    parser.add_argument("--device", help=DEVICE_HELP)
     args = parser.parse_args(argv)
+    try:
+        args.device, _ = device_and_dtype(args.device)
+    except DeviceError as err:
+        parser.error(f"--device: {err}")
     if not args.data and not args.mmad:
         parser.error("give --data (VisA-D&R) and/or --mmad")
     if bool(args.gpt_score_url) != bool(args.gpt_score_model):
@@ -61,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
-        inspector = Inspector.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        inspector = Inspector.from_pretrained(args.model, device=args.device, min_pixels=args.min_pixels,
+                                              max_pixels=args.max_pixels)
     except ValueError as err:  # a bad pixel limit or model folder
         raise SystemExit(f"eval/reasoning.py: {err}") from None
     results: dict = {"model": args.model}

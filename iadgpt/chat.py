@@ -26,6 +26,7 @@ from typing import TextIO
 
 from .data.samples import DataError, load_image
 from .dialogue import Dialogue, reply
+from .model.checkpoint import DEVICE_HELP
 
 EXIT_COMMANDS = frozenset({"/exit", "/quit"})
 
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="score from which the query is called defective in the opening line")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
+    parser.add_argument("--device", help=DEVICE_HELP)
     return parser
 
 
@@ -80,9 +82,14 @@ def _load_images(paths: list[str]):
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     from .inspection import Inspector, heatmap_overlay
+    from .model.checkpoint import DeviceError, device_and_dtype
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    try:
+        device, _ = device_and_dtype(args.device)
+    except DeviceError as err:
+        raise SystemExit(f"iadgpt chat: --device: {err}") from None
     try:
         query = load_image(args.query)
         normals = _load_images(args.normal)
@@ -90,7 +97,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     except DataError as err:
         raise SystemExit(f"iadgpt chat: {err}") from None
     try:
-        inspector = Inspector.from_pretrained(args.model)
+        inspector = Inspector.from_pretrained(args.model, device=device)
     except (OSError, ValueError) as err:
         raise SystemExit(f"iadgpt chat: cannot load the model {args.model}: {err}") from None
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .model.checkpoint import load_model, load_processor
+from .model.checkpoint import device_and_dtype, load_model, load_processor
 from .model.modeling_iadgpt import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY
 from .model.prompts import few_shot_messages
 from .model.settings import DetectionQuestion
@@ -68,14 +68,17 @@ class Inspector:
         self.question = question or model.iadgpt.detection_question
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype="auto", attn_implementation: str = "sdpa",
-                        iadgpt: dict | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-                        **kwargs) -> "Inspector":
-        """`min_pixels` / `max_pixels`: the images' area limits after resizing (None: the checkpoint
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, dtype=None,
+                        attn_implementation: str = "sdpa", iadgpt: dict | None = None, min_pixels: int | None = None,
+                        max_pixels: int | None = None, **kwargs) -> "Inspector":
+        """Load a checkpoint onto `device` (None: the GPU when there is one, else the CPU) in the
+        dtype `device_and_dtype` gives for it (bf16 on a GPU, fp32 on the CPU) unless `dtype` is set.
+        `min_pixels` / `max_pixels`: the images' area limits after resizing (None: the checkpoint
         processor's, which training saved with the limits it trained at)."""
+        device, device_dtype = device_and_dtype(device)
         processor = load_processor(name_or_path, min_pixels=min_pixels, max_pixels=max_pixels)
-        model = load_model(name_or_path, dtype=dtype, attn_implementation=attn_implementation, iadgpt=iadgpt,
-                           processor=processor)
+        model = load_model(name_or_path, dtype=dtype or device_dtype, attn_implementation=attn_implementation,
+                           iadgpt=iadgpt, processor=processor, device=device)
         return cls(model, processor, **kwargs)
 
     @torch.inference_mode()

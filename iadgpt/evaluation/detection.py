@@ -491,11 +491,12 @@ def distributed_state():
 
 
 def load_inspector(model: str, batch_size: int, device, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The model on this process's device (accelerate's: its GPU, or the CPU with ACCELERATE_USE_CPU),
+    in that device's dtype (`device_and_dtype`: bf16 on a GPU, fp32 on the CPU), at these pixel limits."""
     from ..inspection import Inspector
 
-    inspector = Inspector.from_pretrained(model, batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels)
-    inspector.model.to(device)
-    return inspector
+    return Inspector.from_pretrained(model, device=device, batch_size=batch_size, min_pixels=min_pixels,
+                                     max_pixels=max_pixels)
 
 
 def model_digest(model: str) -> str:

@@ -1,6 +1,6 @@
 """`iadgpt inspect`: score query images against a few normal references, write scores and overlays.
 
-    iadgpt inspect --model DIR --normals good/ --query 'line3/*.png' --out OUT [--threshold 0.5]
+    iadgpt inspect --model DIR --normals good/ --query 'line3/*.png' --out OUT [--threshold 0.5] [--device cuda:1]
 
 Writes `OUT/scores.csv` (path, score, label at the threshold, overlay file) and one heatmap overlay
 PNG per query in `OUT/overlays/`. The score is the model's probability that the query is defective
@@ -19,6 +19,7 @@ import glob
 from pathlib import Path
 
 from ..data.samples import IMAGE_EXTENSIONS, DataError, load_image
+from ..model.checkpoint import DEVICE_HELP
 
 __all__ = ["add_arguments", "expand_image_paths", "run"]
 
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ..model.checkpoint import add_pixel_limit_arguments
 
     add_pixel_limit_arguments(parser)
+    parser.add_argument("--device", help=DEVICE_HELP)
     return parser
 
 
@@ -74,10 +76,14 @@ def _overlay_names(paths: list[Path]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Inspect every query; user errors (paths, images, model folder) exit with a message naming them."""
     from ..inspection import Inspector, heatmap_overlay
-    from ..model.checkpoint import check_checkpoint
+    from ..model.checkpoint import DeviceError, check_checkpoint, device_and_dtype
 
     if args.batch_size < 1:
         raise SystemExit(f"iadgpt inspect: --batch-size must be >= 1, got {args.batch_size}")
+    try:
+        device, _ = device_and_dtype(args.device)
+    except DeviceError as error:
+        raise SystemExit(f"iadgpt inspect: --device: {error}") from error
     try:
         check_checkpoint(args.model)
         normals = [load_image(path) for path in expand_image_paths(args.normals, "--normals")]
@@ -87,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     try:
-        inspector = Inspector.from_pretrained(args.model, batch_size=args.batch_size, min_pixels=args.min_pixels,
-                                              max_pixels=args.max_pixels)
+        inspector = Inspector.from_pretrained(args.model, device=device, batch_size=args.batch_size,
+                                              min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     except ValueError as error:  # a bad pixel limit
         raise SystemExit(f"iadgpt inspect: {error}") from error
     flagged = 0

@@ -112,8 +112,10 @@ def word_to_image_attention(attn: nn.Module, hidden: torch.Tensor, cos: torch.Te
     key = key * cos.unsqueeze(1) + _rotate_half(key) * sin.unsqueeze(1)
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)  # = repeat_kv
-    # In float32 even when the model runs in bf16: the map is a ratio of small probabilities.
-    scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, L]
+    # In float32 even when the model runs in bf16 (or under bf16 autocast, which would run this
+    # product in bf16): the map is a ratio of small probabilities.
+    with torch.autocast(query.device.type, enabled=False):
+        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, L]
     scores = scores.masked_fill(~request.key_allowed()[:, None], torch.finfo(torch.float32).min)
     probs = scores.softmax(-1)
     to_image = torch.gather(probs, 3, request.col_index[:, None, None, :].expand(-1, probs.shape[1], num_rows, -1))

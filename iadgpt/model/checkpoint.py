@@ -11,7 +11,9 @@ real widths.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +30,8 @@ from .tokenizer import QWEN2_5_VL_CHAT_TEMPLATE, build_offline_qwen_tokenizer, b
 # The released Qwen2.5-VL processor's pixel limits (preprocessor_config.json): 4 x 28 x 28 and 16384 x 28 x 28.
 QWEN2_5_VL_MIN_PIXELS = 3136
 QWEN2_5_VL_MAX_PIXELS = 12845056
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -366,21 +370,92 @@ def add_pixel_limit_arguments(parser, what: str = "the model's processor's") -> 
                              f"the released Qwen2.5-VL processor: {QWEN2_5_VL_MAX_PIXELS})")
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""Devices the model runs on: `cpu`, `cuda` (or `cuda:N`) and `mps`."""
+
+DEVICE_HELP = ("where the model runs: cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible, else cpu); "
+               "bf16 weights on a GPU, fp32 on the CPU")
+"""The `--device` help text of every command that loads a model."""
+
+
+class DeviceError(ValueError):
+    """A device that is not a valid choice on this machine (a typo, or a GPU that is not there)."""
+
+
+def device_and_dtype(device: str | torch.device | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device to run a model on and the dtype of its weights there.
+
+    `device` None means the GPU when there is one (`cuda`), else `cpu`. The weights are bf16 on a
+    GPU (`cuda`, `mps`), as Qwen2.5-VL is released and trained, and fp32 on the CPU, where bf16
+    matrix products are slow on most processors (`weights_dtype`).
+    Raises DeviceError, naming the device, for an unknown device or one this machine does not have.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"unknown device {str(device)!r}: use one of cpu, cuda, cuda:N, mps") from err
+    if resolved.type not in DEVICE_TYPES:
+        raise DeviceError(f"device {str(device)!r} is not supported: use one of cpu, cuda, cuda:N, mps")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(device)!r}: no CUDA GPU is visible on this machine (use cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(device)!r}: Apple's MPS backend is not available on this machine (use cpu)")
+    return resolved, weights_dtype(resolved)
+
+
+def weights_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (`cuda`, `mps`), fp32 on the CPU: the rule of `device_and_dtype`."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def attention_implementation(requested: str, device: str | torch.device | None = None) -> str:
+    """`requested`, except `flash_attention_2` where it cannot run: then `sdpa`, with one warning.
+
+    flash-attention 2 needs the `flash_attn` package (the `gpu` extra) and a CUDA device (`device`;
+    None: this machine's GPU, for training, where accelerate places the model later). Checkpoints
+    and configs can then ask for it and still run on a machine without it.
+    """
+    if requested != "flash_attention_2":
+        return requested
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    installed = importlib.util.find_spec("flash_attn") is not None
+    if on_cuda and installed:
+        return requested
+    missing = "the flash_attn package is not installed (pip install 'iadgpt[gpu]')" if not installed else \
+        f"it needs a CUDA device, not {device or 'this CPU-only machine'}"
+    logger.warning("attn_implementation flash_attention_2 is not available: %s; using sdpa instead.", missing)
+    return "sdpa"
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto", attn_implementation: str = "sdpa",
-               iadgpt: dict | None = None, processor=None, **kwargs) -> IADGPTForConditionalGeneration:
+               iadgpt: dict | None = None, processor=None, device: str | torch.device | None = None,
+               **kwargs) -> IADGPTForConditionalGeneration:
     """Load any Qwen2.5-VL checkpoint as IADGPT, with its words configured from its tokenizer.
 
+    `device` loads the weights straight onto that device (None: the CPU, placement left to the
+    caller, e.g. accelerate in training); `device_and_dtype` gives the device and dtype to run on.
+    flash_attention_2 falls back to sdpa where flash-attn cannot run (`attention_implementation`).
     `iadgpt` overrides settings (e.g. `{"exemplar_retention": 0.4}`); a plain Qwen2.5-VL
     checkpoint gets the defaults, and the fusion weights start as set by `fusion_init_last_weight`.
     """
     check_checkpoint(name_or_path)
+    if device is not None:
+        device, _ = device_and_dtype(device)
+        kwargs.setdefault("device_map", device)
     config = Qwen2_5_VLConfig.from_pretrained(name_or_path)
     if iadgpt:
         merged = dict(getattr(config, "iadgpt", None) or {})
         merged.update(iadgpt)
         config.iadgpt = IADGPTSettings.from_dict(merged).to_dict()
     model = IADGPTForConditionalGeneration.from_pretrained(
-        name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+        name_or_path, config=config, dtype=dtype,
+        attn_implementation=attention_implementation(attn_implementation, device), **kwargs)
     processor = processor or load_processor(name_or_path)
     model.configure_words(processor.tokenizer)
     return model

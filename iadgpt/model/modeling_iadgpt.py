@@ -152,6 +152,22 @@ def compact_sequences(keep: torch.Tensor, left_padded: bool, tensors: dict[str, 
     return out
 
 
+def with_text_positions(positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[4, B, L]` position ids for the language model: a text row, then the three M-RoPE rows.
+
+    The M-RoPE rows (`positions[-3:]`: the full sequence's, so a pruned row's kept tokens keep
+    their positions) set the rotary embeddings. The text row only says where sequences start:
+    transformers reads it to detect packed sequences (flash-attention 2's varlen path without a
+    padding mask; masks built without an attention mask), where a jump in the positions starts a
+    new sequence; generate() passes the full sequence's there, which jumps where exemplar tokens
+    were dropped, and older transformers read the temporal M-RoPE row when there is no text row.
+    Counting each row's attended tokens 0, 1, 2, ... (padding 0, as generate() does) keeps a pruned
+    row one sequence.
+    """
+    text = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    return torch.cat([text[None].to(positions.dtype), positions[-3:]], dim=0)
+
+
 class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL turned few-shot industrial inspector (see module docstring)."""
 
@@ -593,7 +609,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                           col_index=first, key_padding=attn.bool())
         # The request rides along as a keyword argument: see AttentionMapRecorder (gradient checkpointing).
         outputs = self.model.language_model(
-            inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
+            inputs_embeds=embeds, attention_mask=attn, position_ids=with_text_positions(positions, attn),
             past_key_values=past_key_values, use_cache=use_cache, **{REQUEST_KWARG: request}, **kwargs)
         if request is not None and not want_maps:
             unused.extend(channel for n in self.iadgpt.attention_map_layers for channel in request.maps[n])

@@ -90,11 +90,15 @@ class TrainConfig:
     freeze_merger: bool = False
     """With freeze_vision, also freeze the patch merger and the fusion weights."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    """Weights/compute dtype; on a CPU run use "no"."""
+    """Compute dtype without DeepSpeed: the forward runs under accelerate's bf16/fp16 autocast while
+    the weights stay fp32 (the optimizer's master copy; bf16 autocast also runs on a CPU, slower than
+    fp32 there). Under DeepSpeed the launch configuration's mixed_precision decides instead (its
+    engine keeps fp32 master weights itself)."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant, so the pixel loss keeps its gradients)."""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
-    """Attention kernel of both towers; flash_attention_2 needs the `gpu` extra."""
+    """Attention kernel of both towers. flash_attention_2 runs where the `gpu` extra (flash-attn) and
+    a CUDA device are present; elsewhere sdpa is used, with a one-line warning."""
     max_length: int = 8192
     """Records longer than this many tokens are skipped and reported (never cut inside an image)."""
     min_pixels: int | None = None

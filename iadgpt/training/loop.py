@@ -63,7 +63,7 @@ def _train(cfg: TrainConfig, resume: bool, accelerator) -> None:
         settings = accelerator.unwrap_model(model)
         settings = getattr(settings, "iadgpt", None) or settings.base_model.model.iadgpt
         zero = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None
-        memory = model_state_gib(model, accelerator.num_processes, zero, cfg.mixed_precision)
+        memory = model_state_gib(model, accelerator.num_processes, zero)
         print(f"  model states per process (ZeRO-{zero or 0}): weights {memory['weights']:.2f} GiB, gradients "
               f"{memory['gradients']:.2f} GiB, AdamW {memory['optimizer']:.2f} GiB, plus activations")
         for row in token_estimate(processor, settings):

@@ -205,8 +205,12 @@ def build_model(cfg: TrainConfig, main_process: bool):
         processor = load_processor(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     except ValueError as err:  # a bad pixel limit
         raise TrainingSetupError(str(err)) from err
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-    dtype = torch.float32 if not torch.cuda.is_available() else dtype
+    # Without DeepSpeed the weights stay fp32, the optimizer's master copy, and accelerate's
+    # mixed_precision runs the forward under bf16 autocast: in bf16 weights an update of lr 2e-6
+    # rounds away. DeepSpeed's bf16/fp16 engine casts the module itself and keeps fp32 master
+    # weights in its optimizer (ZeRO-3's zero.Init casts to its config's dtype while loading), so
+    # there 16-bit loading only saves host memory.
+    dtype = deepspeed_weights_dtype() if _deepspeed_launch() else torch.float32
     model = load_model(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation, iadgpt=cfg.iadgpt,
                        processor=processor)
     if cfg.gradient_checkpointing:
@@ -221,10 +225,34 @@ def build_model(cfg: TrainConfig, main_process: bool):
                                      "partitions the weights the adapters are merged into. Use a zero2 config.")
         model = add_lora(model, cfg)
     if main_process:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        total, trainable = parameter_counts(model)
         print(f"Model {cfg.model}: {total / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable")
     return model, processor
+
+
+def deepspeed_weights_dtype() -> torch.dtype:
+    """The dtype DeepSpeed trains the module in: bf16 / fp16 where its config (as the Accelerator
+    resolved it from the launch's mixed_precision) enables them, else fp32."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    config = plugin.deepspeed_config if plugin is not None else {}
+    if _enabled(config.get("bf16")):
+        return torch.bfloat16
+    if _enabled(config.get("fp16")):
+        return torch.float16
+    return torch.float32
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(all, trainable) parameters of `model`, counted whole under ZeRO-3 too, where a partitioned
+    parameter's numel() is 0 and its full size is `ds_numel`."""
+    total = trainable = 0
+    for param in model.parameters():
+        size = getattr(param, "ds_numel", None) or param.numel()
+        total += size
+        trainable += size if param.requires_grad else 0
+    return total, trainable
 
 
 def freeze_vision_encoder(model, keep_merger: bool = True) -> None:
@@ -699,16 +727,17 @@ class StepMeter:
         return values
 
 
-def model_state_gib(model, processes: int, zero_stage: int | None, mixed_precision: str) -> dict:
+def model_state_gib(model, processes: int, zero_stage: int | None) -> dict:
     """GiB per process for weights, gradients and AdamW states (activations come on top).
 
-    Mixed precision keeps 16-bit weights and gradients plus fp32 master weights and two fp32 Adam
-    moments (2 + 2 + 12 bytes per trainable parameter); fp32 training 4 + 4 + 8. ZeRO-1/2 shard the
-    optimizer states (and ZeRO-2 the gradients) over the processes; ZeRO-3 also the weights.
+    16-bit weights (DeepSpeed's bf16/fp16) come with 16-bit gradients plus fp32 master weights and
+    two fp32 Adam moments (2 + 2 + 12 bytes per trainable parameter); fp32 weights, also those
+    trained under bf16 autocast without DeepSpeed, 4 + 4 + 8. The weights' dtype says which. ZeRO-1/2
+    shard the optimizer states (and ZeRO-2 the gradients) over the processes; ZeRO-3 also the
+    weights. Sizes are those of the whole model (`parameter_counts`), partitioned or not.
     """
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    half = mixed_precision in ("bf16", "fp16")
+    total, trainable = parameter_counts(model)
+    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if half else (4, 4, 8)
     stage = zero_stage or 0
     shard = lambda n, from_stage: n / processes if stage >= from_stage else n  # noqa: E731
