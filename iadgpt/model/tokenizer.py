@@ -151,6 +151,13 @@ def build_offline_qwen_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
     trained = json.loads(bpe.to_str())["model"]
     vocab = dict(sorted(trained["vocab"].items(), key=lambda kv: kv[1]))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    return qwen_chat_tokenizer(vocab, merges, model_max_length=32768)
+
+
+def qwen_chat_tokenizer(vocab: dict, merges: list, model_max_length: int,
+                        added_tokens: list[str] = ()) -> Qwen2Tokenizer:
+    """A byte-level BPE `Qwen2Tokenizer` with Qwen2.5-VL's special tokens (then `added_tokens`) and
+    chat template; generation ends at <|im_end|>, padding uses <|endoftext|>, as in Qwen2.5-VL-Instruct."""
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -158,11 +165,12 @@ def build_offline_qwen_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={},
-        model_max_length=32768,
+        model_max_length=model_max_length,
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
-    # As in Qwen2.5-VL-Instruct: generation ends at <|im_end|>, padding uses <|endoftext|>.
+    if added_tokens:
+        tokenizer.add_tokens(list(added_tokens))
     tokenizer.eos_token = "<|im_end|>"
     return tokenizer
 
@@ -197,19 +205,7 @@ def build_qwen2_5_tokenizer() -> Qwen2Tokenizer:
     if len(vocab) != QWEN2_5_BPE_TOKENS or sorted(vocab.values()) != list(range(QWEN2_5_BPE_TOKENS)):
         raise ValueError(f"{ranks} holds {len(vocab)} ranks, not Qwen2.5's {QWEN2_5_BPE_TOKENS} (ids 0 .. "
                          f"{QWEN2_5_BPE_TOKENS - 1}).")
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={},
-        model_max_length=131072,
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
-    tokenizer.add_tokens(QWEN2_5_ADDED_TOKENS)
-    tokenizer.eos_token = "<|im_end|>"
+    tokenizer = qwen_chat_tokenizer(vocab, merges, model_max_length=131072, added_tokens=QWEN2_5_ADDED_TOKENS)
     expected = {token: QWEN2_5_BPE_TOKENS + i for i, token in enumerate(QWEN_SPECIAL_TOKENS + QWEN2_5_ADDED_TOKENS)}
     got = dict(zip(expected, tokenizer.convert_tokens_to_ids(list(expected))))
     if got != expected:  # a transformers release that numbers added tokens otherwise
