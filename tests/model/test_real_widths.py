@@ -145,7 +145,8 @@ def test_full_depth_resolves_to_the_papers_layers(qwen_tokenizer):
         assert [i + 1 for i, block in enumerate(blocks) if block._forward_hooks] == [8, 16, 24, 32]
         assert [i for i in range(32) if i in config.vision_config.fullatt_block_indexes] == [7, 15, 23, 31]
         layers = model.model.language_model.layers
-        assert [i + 1 for i, layer in enumerate(layers) if layer.self_attn._forward_pre_hooks] == attention_layers
+        assert model.attention_map_recorder.layer_numbers == attention_layers
+        assert all(layer.self_attn._forward_pre_hooks for layer in layers)  # each removes the map request
         saved = json.loads(config.to_json_string())["iadgpt"]  # a checkpoint states its layers
         assert saved["vision_fusion_layers"] == [8, 16, 24, 32]
         assert saved["attention_map_layers"] == attention_layers
@@ -179,7 +180,8 @@ def test_inspection_at_7b_width(tmp_path):
     checkpoint = tmp_path / "qwen2.5-vl-7b"
     subprocess.run([sys.executable, "-m", "iadgpt.cli", "init-model", str(checkpoint), "--preset", "qwen2.5-vl-7b"],
                    cwd=REPO, check=True, capture_output=True, timeout=900)
-    inspector = Inspector.from_pretrained(checkpoint, batch_size=2)
+    # bf16 as released (the CPU default would be fp32: twice the memory)
+    inspector = Inspector.from_pretrained(checkpoint, dtype=torch.bfloat16, batch_size=2)
     model, processor = inspector.model, inspector.processor
     assert model.dtype == torch.bfloat16 and model.config.text_config.hidden_size == 3584
     assert model.yes_no_token_ids == (9454, 2753)
