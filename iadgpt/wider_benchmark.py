@@ -126,10 +126,13 @@ def run_wider_benchmark(run: str | os.PathLike, settings: WiderBenchmarkSettings
     if finished.is_file():  # written last, for these settings and weights (claimed above)
         return json.loads(finished.read_text())
     data = shared / "data"
-    make_synthetic(data, settings.categories, seed=main_settings.seed, image_size=main_settings.image_size,
-                   train_normals=main_settings.held_out_train_normals, test_normals=settings.test_normals,
-                   test_anomalies_per_kind=settings.anomalies_per_kind,
-                   first_category=main_settings.first_held_out_category, workers=2)
+    # Drawn once (factory.json is written last; settings.json above pins what it was drawn for): drawing
+    # again would give the same pixels new modification times, which key the detection caches.
+    if not (data / "factory.json").is_file():
+        make_synthetic(data, settings.categories, seed=main_settings.seed, image_size=main_settings.image_size,
+                       train_normals=main_settings.held_out_train_normals, test_normals=settings.test_normals,
+                       test_anomalies_per_kind=settings.anomalies_per_kind,
+                       first_category=main_settings.first_held_out_category, workers=2)
 
     def benchmark(run: Quickstart, out: Path, inspector, desc: str, manifest: Path | None = None) -> None:
         # `model` names what the cache's lines were scored for: the main run's model for the shared baseline.
