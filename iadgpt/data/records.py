@@ -199,7 +199,8 @@ class ShardWriter:
         self.info.complete = False
         self.info.write(self.folder)
 
-    def _check_same_build(self, finished: list[str]) -> None:
+    def _check_same_build(self, finished: list[str]) -> int:
+        """The records the `finished` shards hold, once the earlier build is known to be this one."""
         restart = "; re-run with the same arguments to resume it, or add --restart to rebuild it from scratch."
         try:
             earlier = StageInfo.read(self.folder)

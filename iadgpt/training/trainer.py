@@ -620,8 +620,9 @@ def verify_manifest(folder: Path) -> None:
 
 
 def load_latest_checkpoint(accelerator: Accelerator, cfg: TrainConfig) -> dict | None:
-    """Load the newest checkpoint in output_dir (None when there is none); refuses one saved by a run
-    with other RUN_SETTINGS, and one whose files do not match the SHA-256 digests saved with them."""
+    """Load the newest checkpoint in output_dir (None when there is none); refuses one whose files do
+    not match the SHA-256 digests saved with them (`claimed_output_dir` has already refused one saved
+    by a run with other RUN_SETTINGS)."""
     found = checkpoint_dirs(cfg.output_dir)
     if not found:
         return None
@@ -629,7 +630,6 @@ def load_latest_checkpoint(accelerator: Accelerator, cfg: TrainConfig) -> dict |
     problem = None
     if accelerator.is_main_process:
         try:
-            check_same_run(latest, cfg)
             verify_manifest(latest)
         except TrainingSetupError as err:
             problem = str(err)
@@ -674,7 +674,7 @@ class MetricsLog:
                 self.path.unlink(missing_ok=True)
             elif self.path.exists():
                 kept = [line for line in self.path.read_text().splitlines()
-                        if _logged_step(line) is not None and _logged_step(line) <= resume_step]
+                        if (step := _logged_step(line)) is not None and step <= resume_step]
                 tmp = self.path.with_name(self.path.name + ".tmp")
                 tmp.write_text("".join(line + "\n" for line in kept))
                 os.replace(tmp, self.path)
