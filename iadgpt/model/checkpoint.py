@@ -98,6 +98,15 @@ class ModelPreset:
     """Largest image area the image processor resizes to (caps visual tokens per image)."""
     iadgpt: dict = field(default_factory=dict)
     """IADGPT settings for this preset (defaults: see IADGPTSettings)."""
+    released_text_layers: int | None = None
+    """Decoder layers of the released model of these widths (`iadgpt plan` plans that model by name);
+    None: a test preset, planned at its own depth."""
+    released_vision_depth: int | None = None
+    """Vision blocks of the released model (32 for every Qwen2.5-VL)."""
+
+    def released(self) -> "ModelPreset":
+        """These widths at the released model's depth (itself for the test presets)."""
+        return self.with_depth(self.released_text_layers, self.released_vision_depth)
 
     @property
     def vision_fullatt_blocks(self) -> tuple[int, ...]:
@@ -126,18 +135,20 @@ def qwen_fullatt_blocks(depth: int) -> tuple[int, ...]:
 
 
 def released_qwen2_5_vl(text_hidden: int, text_heads: int, text_kv_heads: int, text_intermediate: int,
-                        embedding_rows: int, tie_word_embeddings: bool) -> ModelPreset:
+                        embedding_rows: int, tie_word_embeddings: bool, text_layers: int,
+                        vision_intermediate: int = 3420) -> ModelPreset:
     """A released Qwen2.5-VL-Instruct's config (its public config.json, preprocessor_config.json and
-    tokenizer) at a CPU-sized default depth: 2 text layers, 4 vision blocks (released: 28 / 36 text
-    layers and 32 vision blocks)."""
+    tokenizer) at a CPU-sized default depth: 2 text layers, 4 vision blocks (released: `text_layers`
+    and 32 vision blocks, recorded for `iadgpt plan`)."""
     return ModelPreset(
         text_hidden=text_hidden, text_layers=2, text_heads=text_heads, text_kv_heads=text_kv_heads,
         text_intermediate=text_intermediate, mrope_section=(16, 24, 24), vision_hidden=1280, vision_depth=4,
-        vision_heads=16, vision_intermediate=3420, fullatt_blocks=None, patch_size=14, window_size=112,
+        vision_heads=16, vision_intermediate=vision_intermediate, fullatt_blocks=None, patch_size=14, window_size=112,
         tokenizer="qwen2.5", embedding_rows=embedding_rows, tie_word_embeddings=tie_word_embeddings,
         rms_norm_eps=1e-6, max_position_embeddings=128000, tokens_per_second=2, pad_token_in_config=False,
         dtype="bfloat16",
         min_pixels=QWEN2_5_VL_MIN_PIXELS, max_pixels=QWEN2_5_VL_MAX_PIXELS,
+        released_text_layers=text_layers, released_vision_depth=32,
     )
 
 
@@ -158,11 +169,17 @@ PRESETS: dict[str, ModelPreset] = {
         mrope_section=(4, 6, 6), vision_hidden=64, vision_depth=4, vision_heads=2, vision_intermediate=128,
         fullatt_blocks=(1, 3), patch_size=10, window_size=120, min_pixels=40 * 40, max_pixels=240 * 240,
     ),
-    # The released models' widths (Qwen/Qwen2.5-VL-3B-Instruct, -7B-Instruct), random weights, shallow.
+    # The released models' widths (Qwen/Qwen2.5-VL-3B/7B/32B/72B-Instruct), random weights, shallow.
     "qwen2.5-vl-3b": released_qwen2_5_vl(text_hidden=2048, text_heads=16, text_kv_heads=2, text_intermediate=11008,
-                                         embedding_rows=151936, tie_word_embeddings=True),
+                                         embedding_rows=151936, tie_word_embeddings=True, text_layers=36),
     "qwen2.5-vl-7b": released_qwen2_5_vl(text_hidden=3584, text_heads=28, text_kv_heads=4, text_intermediate=18944,
-                                         embedding_rows=152064, tie_word_embeddings=False),
+                                         embedding_rows=152064, tie_word_embeddings=False, text_layers=28),
+    "qwen2.5-vl-32b": released_qwen2_5_vl(text_hidden=5120, text_heads=40, text_kv_heads=8, text_intermediate=27648,
+                                          embedding_rows=152064, tie_word_embeddings=False, text_layers=64,
+                                          vision_intermediate=3456),
+    "qwen2.5-vl-72b": released_qwen2_5_vl(text_hidden=8192, text_heads=64, text_kv_heads=8, text_intermediate=29568,
+                                          embedding_rows=152064, tie_word_embeddings=False, text_layers=80,
+                                          vision_intermediate=3456),
 }
 
 

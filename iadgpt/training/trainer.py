@@ -79,10 +79,15 @@ def fill_deepspeed_sizes(accelerator: Accelerator, model) -> None:
     hidden = getattr(getattr(config, "text_config", config), "hidden_size", None)
     if hidden is None:
         return
-    sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-             "stage3_param_persistence_threshold": 10 * hidden}
+    sizes = deepspeed_auto_sizes(hidden)
     zero = plugin.deepspeed_config.get("zero_optimization", {})
     zero.update({key: value for key, value in sizes.items() if zero.get(key) == "auto"})
+
+
+def deepspeed_auto_sizes(hidden: int) -> dict[str, int]:
+    """The values `fill_deepspeed_sizes` gives the "auto" ZeRO entries at text width `hidden`."""
+    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
 
 
 def _deepspeed_launch() -> bool:
