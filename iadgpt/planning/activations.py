@@ -189,7 +189,22 @@ def coefficients(mode: str) -> LayerCoefficients:
     """Measure and fit every layer kind once per precision mode (about a second on a CPU)."""
     if mode not in MODES:
         raise ValueError(f"precision mode {mode!r}: allowed are {MODES}")
-    with torch.random.fork_rng():
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the probe configs' special-token ids lie outside their 64-word vocabulary
+    try:
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return _fit_all(mode)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _fit_all(mode: str) -> LayerCoefficients:
+    if True:
         torch.manual_seed(0)
         # (hidden, heads, kv_heads, intermediate): head_dim 16 and 32, so hidden and heads separate.
         shapes = [(64, 4, 2, 96), (128, 8, 2, 96), (128, 8, 4, 160), (128, 4, 2, 96), (256, 8, 2, 224), (96, 6, 3, 96)]

@@ -175,7 +175,10 @@ def nearest_fits(args, shape, params, sample, run: RunSettings, cfg) -> list[dic
     side = args.image_size if args.max_pixels is None else math.isqrt(args.max_pixels)
     for factor in (0.75, 0.5, 0.35, 0.25):
         pixels = int((side * factor) ** 2)
-        smaller = make_plan(argparse.Namespace(**{**vars(args), "max_pixels": pixels, "image_size": None}))
+        try:
+            smaller = make_plan(argparse.Namespace(**{**vars(args), "max_pixels": pixels, "image_size": None}))
+        except PlanError:  # below the processor's smallest image
+            break
         if smaller.fits or factor == 0.25:
             results.append({"change": f"--max-pixels {pixels}", "gib": smaller.memory["total"] / GIB,
                             "fits": smaller.fits})
