@@ -233,6 +233,154 @@ def data_build_worker(args) -> None:
     Path(args.result).write_text(json.dumps({"records": info.num_records, "seconds": seconds, "peak_rss_mib": peak}))
 
 
+def plan_step_worker(args) -> None:
+    """What one training step holds, per process, for the memory planner to be checked against.
+
+    Run under `accelerate launch` (configs/accelerate/*.yaml, from the repo root) or plain python:
+    the training loop's own set-up (`iadgpt/training/loop.py`: build_accelerator, build_model,
+    load_stage_data, RecordCollator, build_dataloader, build_optimizer, fill_deepspeed_sizes,
+    accelerator.prepare), then two optimizer steps. At step 2 it measures the forward's saved
+    activations (`SavedActivations`) and the state census (`training_state_census`) at up to three
+    points: `census_backward_end` (DeepSpeed only: just before its gradient epilogue, reduce buckets
+    and contiguous gradient buffers still allocated), `census_before_optimizer_step` (a step pre-hook
+    on the torch optimizer: gradients reduced, the AdamW states of step 1 alive; DeepSpeed runs it
+    inside accelerate's backward) and `census_after_backward` (right after `accelerator.backward`:
+    under DeepSpeed after engine.step(), without it before optimizer.step()). Each rank writes
+    `<out>.rank<r>.json`; rank 0 merges them into `--out`.
+    """
+    import resource
+    from contextlib import nullcontext
+
+    from iadgpt.config import load_config
+    from iadgpt.training.collator import RecordCollator
+    from iadgpt.training.config import TrainConfig
+    from iadgpt.training.trainer import (StepBudget, build_accelerator, build_dataloader, build_model,
+                                         build_optimizer, fill_deepspeed_sizes, load_stage_data)
+    from iadgpt.utils.memory_census import SavedActivations, base_optimizer, training_state_census
+    from iadgpt.utils.profiling import current_rss_mib
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    accelerator = build_accelerator(cfg)
+    main_process = accelerator.is_main_process
+    torch.manual_seed(cfg.seed)
+    model, processor = build_model(cfg, main_process)
+    info, dataset, _ = load_stage_data(cfg, processor, main_process)
+    collator = RecordCollator(processor, info, pixel_loss_on_normals=cfg.pixel_loss_on_normals)
+    loader = build_dataloader(cfg, dataset, collator)
+    steps = 2
+    optimizer, scheduler = build_optimizer(cfg, model, StepBudget(max(steps, cfg.max_steps or steps)),
+                                           accelerator.num_processes)
+    fill_deepspeed_sizes(accelerator, model)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    module = accelerator.unwrap_model(model)
+    plugin = accelerator.state.deepspeed_plugin
+    zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}
+
+    result: dict = {"rank": accelerator.process_index, "world_size": accelerator.num_processes,
+                    "zero_stage": zero.get("stage", 0), "deepspeed_zero_config": zero or None,
+                    "gradient_checkpointing": cfg.gradient_checkpointing, "freeze_vision": cfg.freeze_vision,
+                    "dtype": str(next(module.parameters()).dtype).removeprefix("torch.")}
+    measuring = {"on": False}
+    current: dict = {}
+
+    def alive_beside_the_model() -> dict:
+        """The step's batch and outputs, and the next batch accelerate's loader already holds (it
+        iterates one batch ahead to know the end of the data)."""
+        frame = getattr(current.get("batches"), "gi_frame", None)
+        return {"batch": current["batch"], "outputs": current["output"],
+                "next_batch": frame.f_locals.get("next_batch") if frame is not None else None}
+
+    def before_optimizer_step(_optimizer, _args, _kwargs):
+        if measuring["on"]:
+            result["census_before_optimizer_step"] = training_state_census(
+                model, optimizer, accelerator, extra=alive_beside_the_model())
+
+    hook = base_optimizer(optimizer).register_step_pre_hook(before_optimizer_step)
+    # DeepSpeed's gradient epilogue reduces the last bucket and then frees its reduce buckets: the
+    # census just before it sees the gradient buffers of the backward at their fullest.
+    zero_optimizer = getattr(model, "optimizer", None) if plugin is not None else None
+    epilogue = getattr(zero_optimizer, "independent_gradient_partition_epilogue", None)
+    if epilogue is not None:
+        def epilogue_with_census(*args, **kwargs):
+            if measuring["on"]:
+                result["census_backward_end"] = training_state_census(
+                    model, optimizer, accelerator, extra=alive_beside_the_model())
+            return epilogue(*args, **kwargs)
+
+        zero_optimizer.independent_gradient_partition_epilogue = epilogue_with_census
+    model.train()
+    step = 0
+    while step < steps:
+        current["batches"] = iter(loader)
+        for batch in current["batches"]:
+            with accelerator.accumulate(model):
+                measuring["on"] = step == steps - 1 and accelerator.sync_gradients
+                saved = SavedActivations(module) if measuring["on"] else nullcontext()
+                with saved:
+                    output = model(**batch)
+                current.update(batch=batch, output=output)
+                accelerator.backward(output.loss)
+                if measuring["on"]:
+                    result["census_after_backward"] = training_state_census(
+                        model, optimizer, accelerator, extra=alive_beside_the_model())
+                    result["activations"] = saved.summary()
+                    result["batch"] = batch_shape(module, batch, output)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            measuring["on"] = False
+            if accelerator.sync_gradients:
+                step += 1
+            if step >= steps:
+                break
+    hook.remove()
+    result["rss_mib"] = current_rss_mib()
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.rank{accelerator.process_index}.json").write_text(json.dumps(result, indent=1))
+    accelerator.wait_for_everyone()
+    if main_process:
+        ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(accelerator.num_processes)]
+        out.write_text(json.dumps({"world_size": accelerator.num_processes, "ranks": ranks}, indent=1))
+        for r in ranks:
+            census = r["census_after_backward"]
+            print(f"rank {r['rank']}: ZeRO-{r['zero_stage']} {r['dtype']}: " + ", ".join(
+                f"{k} {v / 2**20:.2f} MiB" for k, v in census["parts"].items())
+                  + f"; activations {r['activations']['bytes'] / 2**20:.2f} MiB; total_live "
+                  f"{census['total_live'] / 2**20:.2f} MiB, unaccounted {census['unaccounted'] / 2**20:.3f} MiB")
+    accelerator.end_training()
+
+
+def batch_shape(model, batch: dict, output) -> dict:
+    """The micro-batch's shape as a planner takes it: tokens (and those the language model ran on
+    after exemplar compression), images with their grids and roles, labels, the pixel map."""
+    from iadgpt.model.modeling_iadgpt import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY
+
+    input_ids = batch["input_ids"]
+    kept = getattr(output, "kept_tokens", None)
+    lm_tokens = kept.sum(-1) if kept is not None else batch["attention_mask"].sum(-1)
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    grids = batch.get("image_grid_thw")
+    grids = grids.tolist() if grids is not None else []
+    roles = batch["image_roles"].tolist() if "image_roles" in batch else []
+    names = {ROLE_EXEMPLAR: "exemplar", ROLE_QUERY: "query", ROLE_OTHER: "other"}
+    masks = batch.get("pixel_masks") or []
+    return {
+        "batch_size": input_ids.shape[0],
+        "input_ids_length": input_ids.shape[1],
+        "tokens_per_sample": batch["attention_mask"].sum(-1).tolist(),
+        "lm_sequence_length": int(lm_tokens.max()),
+        "lm_tokens_per_sample": lm_tokens.tolist(),
+        "images": [{"grid_thw": grid, "visual_tokens": grid[0] * grid[1] * grid[2] // merge,
+                    "role": names.get(role, str(role)) if roles else None}
+                   for grid, role in zip(grids, roles or [None] * len(grids))],
+        "dummy_image": "dummy_pixel_values" in batch,
+        "labels": int((batch["labels"] != -100).sum()),
+        "pixel_map_requested": any(m is not None for m in masks),
+    }
+
+
 def train_speed(args) -> dict:
     """Samples/s of the training recipe on the small preset under DeepSpeed ZeRO-2: 1 vs 2 CPU processes."""
     from iadgpt.data.builders import DatasetSource, Stage3Options, index_sources, stage3_records, write_stage
@@ -274,7 +422,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     for name in ("compression", "pixel-map", "pixel-map-worker", "eval", "data-build", "data-build-worker",
-                 "train"):
+                 "train", "plan-step"):
         p = sub.add_parser(name)
         p.add_argument("--shots", type=int, default=4, help="normal exemplars before the query")
         p.add_argument("--image-size", type=int, default=504, help="image side in pixels (504 -> 324 tokens)")
@@ -305,12 +453,18 @@ def main(argv=None) -> None:
             p.set_defaults(repeats=2)
             p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (8 samples each)")
             p.add_argument("--preset", default="small", help="init-model preset")
+        if name == "plan-step":
+            p.add_argument("--config", required=True, help="stage YAML (configs/stage3.yaml ...)")
+            p.add_argument("--out", required=True, help="merged JSON (each rank also writes <out>.rank<r>.json)")
+            p.add_argument("overrides", nargs="*", help="key=value settings of the TrainConfig")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.bench == "pixel-map-worker":
         return pixel_map_worker(args)
     if args.bench == "data-build-worker":
         return data_build_worker(args)
+    if args.bench == "plan-step":
+        return plan_step_worker(args)
     result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed, "data-build": data_build,
               "train": train_speed}[args.bench](args)
     print(json.dumps(result))

@@ -10,37 +10,3 @@ from toy_stages import write_stage
 def toy_stage(tmp_path):
     write_stage(tmp_path / "stage3", tmp_path / "images")
     return tmp_path / "stage3"
-
-
-def _run_recipe(path, argv):
-    """Call a data_builders/ recipe's main() in this process (as `python path argv` would)."""
-    import runpy
-
-    runpy.run_path(str(path), run_name="recipe")["main"](argv)
-
-
-@pytest.fixture(scope="session")
-def built_stages(tmp_path_factory, tiny_checkpoint):
-    """Stage folders 1-3 written by the project's own builders from a small synthetic factory, as a
-    user builds them (README "Data"): stage 2 replays stage 1, stage 3 replays 80 % stage 2, so stage 3
-    mixes captions, odd-one-out, difference regions, irregular regions, detection and reasoning (boxes
-    in the tiny model's pixel frame, `--model`)."""
-    from pathlib import Path
-
-    from iadgpt.data.factory import main as make_synthetic
-
-    root = tmp_path_factory.mktemp("built")
-    builders = Path(__file__).resolve().parents[2] / "data_builders"
-    make_synthetic([str(root / "factory"), "--categories", "3", "--image-size", "112", "--train-normals", "6",
-                    "--test-normals", "2", "--test-anomalies-per-kind", "1", "--seed", "3"])
-    _run_recipe(builders / "stage1.py", ["--captions", f"factory={root / 'factory' / 'captions.jsonl'}",
-                                         "--out", str(root / "stage1")])
-    _run_recipe(builders / "stage2.py", ["--dataset", f"factory=mvtec:{root / 'factory'}", "--records", "24",
-                                         "--model", str(tiny_checkpoint),
-                                         "--replay", str(root / "stage1"), "--replay-ratio", "0.5",
-                                         "--out", str(root / "stage2")])
-    _run_recipe(builders / "stage3.py", ["--dataset", f"factory=mvtec:{root / 'factory'}", "--records", "24",
-                                         "--model", str(tiny_checkpoint),
-                                         "--replay", str(root / "stage2"), "--replay-ratio", "0.8",
-                                         "--out", str(root / "stage3")])
-    return root
