@@ -16,7 +16,7 @@ def test_init_model_through_the_cli(tmp_path, capsys):
 
 
 def test_unknown_preset_and_command_are_refused(tmp_path):
-    with pytest.raises(SystemExit, match="unknown preset 'huge'; allowed: qwen2.5-vl-3b, qwen2.5-vl-7b, small, tiny"):
+    with pytest.raises(SystemExit, match="unknown preset 'huge'; allowed: qwen2.5-vl-32b, qwen2.5-vl-3b, qwen2.5-vl-72b, qwen2.5-vl-7b, small, tiny"):
         main(["init-model", str(tmp_path / "m"), "--preset", "huge"])
     with pytest.raises(SystemExit):
         main(["fly"])

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
+def make_plan(args: argparse.Namespace, suggest: bool = True) -> Plan:
+    """The plan of `args`; with `suggest`, the nearest settings that fit when it does not."""
     from ..config import load_config
     from ..model.settings import IADGPTSettings
     from ..training.config import TrainConfig
@@ -114,7 +115,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         persistence_threshold=resolve("stage3_param_persistence_threshold", 100_000))
     if args.lora:
         run = replace(run, freeze_vision=True, freeze_merger=True)
-    return _plan(args, shape, params, sample, tokens, run, cfg)
+    return _plan(args, shape, params, sample, tokens, run, cfg, suggest)
 
 
 def _deepspeed_json(zero: int | None) -> dict:
@@ -163,11 +164,11 @@ def nearest_fits(args, shape, params, sample, run: RunSettings, cfg) -> list[dic
         results.append({"change": label, "gib": memory["total"] / GIB, "fits": memory["total"] <= args.gpu_memory * 1e9})
     if not args.lora and run.zero != 3:
         lora_args = argparse.Namespace(**{**vars(args), "lora": True, "zero": run.zero or 2})
-        lora_plan = make_plan(lora_args)
+        lora_plan = make_plan(lora_args, suggest=False)
         results.append({"change": "--lora", "gib": lora_plan.memory["total"] / GIB, "fits": lora_plan.fits})
     if args.stage == 3 and args.shots > 1:
         for shots in range(args.shots - 1, 0, -1):
-            smaller = make_plan(argparse.Namespace(**{**vars(args), "shots": shots}))
+            smaller = make_plan(argparse.Namespace(**{**vars(args), "shots": shots}), suggest=False)
             if smaller.fits or shots == 1:
                 results.append({"change": f"--shots {shots}", "gib": smaller.memory["total"] / GIB,
                                 "fits": smaller.fits})
@@ -176,7 +177,8 @@ def nearest_fits(args, shape, params, sample, run: RunSettings, cfg) -> list[dic
     for factor in (0.75, 0.5, 0.35, 0.25):
         pixels = int((side * factor) ** 2)
         try:
-            smaller = make_plan(argparse.Namespace(**{**vars(args), "max_pixels": pixels, "image_size": None}))
+            smaller = make_plan(argparse.Namespace(**{**vars(args), "max_pixels": pixels, "image_size": None}),
+                                suggest=False)
         except PlanError:  # below the processor's smallest image
             break
         if smaller.fits or factor == 0.25:

@@ -16,6 +16,7 @@ functions training uses.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -75,6 +76,7 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
 
+@functools.lru_cache(maxsize=8)
 def load_model_config(model: str):
     """(Qwen2_5_VLConfig, name, (min_pixels, max_pixels)) of a preset name (at the released depth)
     or a checkpoint folder."""

@@ -1,0 +1,78 @@
+"""`iadgpt plan`: coefficients fitted exactly, parameter counts equal the real model's, model states
+equal the memory census of a real training step, and bad requests get clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iadgpt.cli import main
+from iadgpt.planning.activations import _decoder_layer_bytes, coefficients, decoder_matmul_weights
+from iadgpt.planning.planner import RunSettings, count_parameters, load_model_config, model_states
+
+
+def test_decoder_coefficients_predict_a_layer_they_were_not_fitted_on():
+    # 320 wide, 5 heads of 64, 1 KV head, 480 intermediate, 40 tokens: none of the fitted shapes
+    for mode in ("fp32", "bf16", "autocast"):
+        c = coefficients(mode).decoder
+        predicted = 40 * (c["hidden"] * 320 + c["kv"] * 64 + c["intermediate"] * 480 + c["heads"] * 5 + c["tokens"]) \
+            + c["weights"] * decoder_matmul_weights(320, 64, 480)
+        assert predicted == _decoder_layer_bytes(mode, 320, 5, 1, 480, 40)
+
+
+def test_parameter_counts_equal_the_checkpoints(tiny_checkpoint):
+    from iadgpt.model import load_model
+    from iadgpt.training.trainer import freeze_vision_encoder
+
+    config, _, _ = load_model_config(str(tiny_checkpoint))
+    model = load_model(tiny_checkpoint)
+    freeze_vision_encoder(model, keep_merger=True)
+    counts = count_parameters(config, freeze_vision=True, freeze_merger=False)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_model_states_without_deepspeed_equal_the_census_of_a_real_step(tiny_checkpoint):
+    from iadgpt.model import load_model
+    from iadgpt.utils.memory_census import training_state_census
+
+    config, _, _ = load_model_config(str(tiny_checkpoint))
+    model = load_model(tiny_checkpoint, dtype=torch.float32)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    census = training_state_census(model, optimizer)["parts"]
+    planned = model_states(count_parameters(config, False, False),
+                           RunSettings(processes=1, zero=None, mode="autocast", gradient_checkpointing=True,
+                                       per_device_batch=1, freeze_vision=False))
+    assert planned["weights"] == census["weights"]
+    assert planned["gradients"] == census["gradients"]
+    assert planned["optimizer"] == pytest.approx(census["optimizer"], rel=0.02)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "qwen9"], "neither a known model (tiny, small, qwen2.5-vl-3b"),
+    (["--model", "tiny", "--gpus", "0"], "--gpus 0 --nodes 1: a plan needs at least one GPU"),
+    (["--model", "tiny", "--zero", "0", "--offload"], "--offload moves DeepSpeed's optimizer states"),
+    (["--model", "tiny", "--zero", "3", "--lora"], "--lora with --zero 3: the recipe refuses it"),
+])
+def test_bad_requests_are_refused_clearly(argv, message):
+    base = {"--gpus": "1", "--gpu-memory": "24", "--stage": "3"}
+    args = ["plan", *argv]
+    for key, value in base.items():
+        if key not in argv:
+            args += [key, value]
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace("+", r"\+")):
+        main(args)
+
+
+def test_a_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="the folder has no config.json"):
+        main(["plan", "--model", str(tmp_path), "--stage", "1", "--gpus", "1", "--gpu-memory", "24"])
+
+
+def test_the_7b_plan_does_not_fit_one_24gb_gpu_and_lora_is_suggested(capsys):
+    assert main(["plan", "--model", "qwen2.5-vl-7b", "--stage", "3", "--gpus", "1", "--gpu-memory", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: does NOT fit" in out and "--lora" in out
