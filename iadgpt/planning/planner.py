@@ -291,7 +291,6 @@ def activation_bytes(shape: ModelShape, sample: SampleShape, run: RunSettings) -
     text_stream = 2 if mode == "bf16" else 4  # the language model's residual stream (fp32 under autocast)
     vision_stream = 4 if mode == "fp32" else 2
     compute = 4 if mode == "fp32" else 2
-    autocast = mode == "autocast"
 
     def per(c: dict[str, float], **features) -> float:
         return sum(c[name] * value for name, value in features.items())
@@ -338,8 +337,6 @@ def activation_bytes(shape: ModelShape, sample: SampleShape, run: RunSettings) -
     parts["vision"] = vision
     parts["head_and_loss"] = per(coef.head, tokens=t, hidden=t * shape.hidden, vocab=t * shape.vocab,
                                  weights=shape.hidden * shape.vocab, once=1)
-    if autocast and run.gradient_checkpointing:
-        parts["language_model"] += 0.0  # the layers' bf16 weight copies are made again at recomputation
     saved = sum(parts.values())
     # Alive until backward without being saved: the logits the model returns (module dtype).
     held = t * shape.vocab * compute
@@ -352,11 +349,12 @@ def activation_bytes(shape: ModelShape, sample: SampleShape, run: RunSettings) -
 def flops_per_sample(shape: ModelShape, params: ParameterCounts, sample: SampleShape, run: RunSettings) -> dict:
     """Training FLOPs of one sample: 2 per weight per token forward, twice that backward (6 in all);
     a frozen vision tower runs forward only; checkpointed layers run their forward twice. Attention adds
-    2 x 2 x T^2/2 x h per layer forward (causal), windows and full blocks alike counted as full."""
+    2 x 2 x T^2/2 x h per language-model layer forward (causal); vision blocks attend within 256-patch windows."""
     t, p = sample.llm_tokens, sample.patches
     recompute = 1 if run.gradient_checkpointing else 0
     text = 2 * (params.text_non_embedding + params.lm_head) * t + shape.layers * 2 * t * t * shape.hidden
-    vision_forward = 2 * params.vision * p / 1 + shape.vision_depth * 4 * p * 256 * shape.vision_hidden
+    window = 256  # patches in a 112-px window (8 x 8 merged tokens): most vision blocks attend within one
+    vision_forward = 2 * params.vision * p + shape.vision_depth * 4 * p * window * shape.vision_hidden
     vision_passes = 1 if run.freeze_vision else 3 + recompute
     total = text * (3 + recompute) + vision_forward * vision_passes
     return {"flops": float(total), "formula": "6 x weights x tokens (+2 per checkpointed forward) + attention; "
