@@ -13,7 +13,7 @@ Precision modes:
 - "bf16": weights and activations bf16 (DeepSpeed's bf16 engine).
 - "autocast": fp32 weights under bf16 autocast (training without DeepSpeed): the residual stream of
   the language model stays fp32, matmuls run in bf16, and each layer also holds a bf16 copy of its
-  weights for backward (a per-layer constant, `autocast_weight_copies`).
+  weights for backward (the "weights" coefficient: 2 bytes per weight of its matmuls).
 """
 
 from __future__ import annotations
@@ -25,34 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..utils.memory_census import SavedActivations
+
 MODES = ("fp32", "bf16", "autocast")
-
-
-class _SavedStorages:
-    """Unique storages autograd saves during a forward (views count their whole storage once);
-    parameters and the tensors in `exclude` (inputs shared by every layer) are left out."""
-
-    def __init__(self, params, exclude=()):
-        self.skip = {p.untyped_storage()._cdata for p in params} | {t.untyped_storage()._cdata for t in exclude}
-        self.sizes: dict[int, int] = {}
-
-    def pack(self, tensor):
-        storage = tensor.untyped_storage()
-        if not isinstance(tensor, torch.nn.Parameter) and storage._cdata not in self.skip:
-            self.sizes.setdefault(storage._cdata, storage.nbytes())
-        return tensor
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes.values())
 
 
 def _precision(mode: str):
@@ -89,7 +64,8 @@ def _decoder_layer_bytes(mode: str, hidden: int, heads: int, kv_heads: int, inte
     hidden_states = torch.randn(1, tokens, hidden, dtype=residual, requires_grad=True)
     positions = torch.arange(tokens)[None, None].expand(3, 1, tokens)
     cos, sin = qwen.Qwen2_5_VLRotaryEmbedding(config)(hidden_states, positions)
-    with _SavedStorages(layer.parameters(), exclude=[cos, sin, hidden_states]) as saved:
+    # The output stays referenced until the count: only what a live graph holds is counted.
+    with SavedActivations(layer, exclude=[cos, sin, hidden_states]) as saved:
         with autocast:
             if map_rows:
                 rows = torch.arange(map_rows)[None] + tokens - map_rows
@@ -97,10 +73,11 @@ def _decoder_layer_bytes(mode: str, hidden: int, heads: int, kv_heads: int, inte
                     row_index=rows, row_valid=torch.ones_like(rows, dtype=torch.bool),
                     row_is_anomaly=torch.ones_like(rows, dtype=torch.bool),
                     col_index=torch.arange(map_columns)[None], key_padding=torch.ones(1, tokens, dtype=torch.bool))
-                word_to_image_attention(layer.self_attn, hidden_states, cos, sin, request)
+                output = word_to_image_attention(layer.self_attn, hidden_states, cos, sin, request)
             else:
-                layer(hidden_states, attention_mask=None, position_embeddings=(cos, sin))
-    return saved.total
+                output = layer(hidden_states, attention_mask=None, position_embeddings=(cos, sin))
+    del output
+    return saved.nbytes
 
 
 def _vision_block_bytes(mode: str, hidden: int, heads: int, intermediate: int, patches: int) -> int:
@@ -118,9 +95,10 @@ def _vision_block_bytes(mode: str, hidden: int, heads: int, intermediate: int, p
     angles = torch.randn(patches, hidden // heads)
     cos, sin = angles.cos(), angles.sin()
     windows = torch.tensor([0, patches // 2, patches], dtype=torch.int32)
-    with _SavedStorages(block.parameters(), exclude=[x, cos, sin]) as saved, autocast:
-        block(x, cu_seqlens=windows, position_embeddings=(cos, sin))
-    return saved.total
+    with SavedActivations(block, exclude=[x, cos, sin]) as saved, autocast:
+        output = block(x, cu_seqlens=windows, position_embeddings=(cos, sin))
+    del output
+    return saved.nbytes
 
 
 def _merger_bytes(mode: str, vision_hidden: int, text_hidden: int, tokens: int) -> int:
@@ -130,9 +108,10 @@ def _merger_bytes(mode: str, vision_hidden: int, text_hidden: int, tokens: int) 
     merger = qwen.Qwen2_5_VLPatchMerger(dim=text_hidden, context_dim=vision_hidden).to(weights)
     stream = torch.float32 if mode == "fp32" else torch.bfloat16
     x = torch.randn(tokens * 4, vision_hidden, dtype=stream, requires_grad=True)
-    with _SavedStorages(merger.parameters(), exclude=[x]) as saved, autocast:
-        merger(x)
-    return saved.total
+    with SavedActivations(merger, exclude=[x]) as saved, autocast:
+        output = merger(x)
+    del output
+    return saved.nbytes
 
 
 def _head_bytes(mode: str, hidden: int, vocab: int, tokens: int) -> int:
@@ -146,9 +125,10 @@ def _head_bytes(mode: str, hidden: int, vocab: int, tokens: int) -> int:
     stream = torch.bfloat16 if mode == "bf16" else torch.float32
     x = torch.randn(1, tokens, hidden, dtype=stream, requires_grad=True)
     labels = torch.randint(0, vocab, (1, tokens))
-    with _SavedStorages([*norm.parameters(), *head.parameters()], exclude=[x]) as saved, autocast:
-        ForCausalLMLoss(head(norm(x)), labels, vocab_size=vocab)
-    return saved.total
+    with SavedActivations(parameters=[*norm.parameters(), *head.parameters()], exclude=[x]) as saved, autocast:
+        loss = ForCausalLMLoss(head(norm(x)), labels, vocab_size=vocab)
+    del loss
+    return saved.nbytes
 
 
 def _solve(rows: list[list[float]], values: list[int], names: list[str]) -> dict[str, float]:

@@ -137,8 +137,12 @@ class SavedActivations:
     reading block outputs) counts under the module whose hook saved it.
     """
 
-    def __init__(self, model: nn.Module | None = None, parameters: Iterable[nn.Parameter] | None = None):
+    def __init__(self, model: nn.Module | None = None, parameters: Iterable[nn.Parameter] | None = None,
+                 exclude: Iterable[torch.Tensor] = ()):
+        """`exclude`: tensors whose storages are not this forward's activations either, e.g. inputs a
+        measured layer shares with the other layers of a model (the planner's per-layer probes)."""
         self.model = model
+        self.exclude = list(exclude)
         self.parameters = list(parameters if parameters is not None else (model.parameters() if model else []))
         self.saved = StorageSet()
         self.packed_calls = 0
@@ -181,7 +185,7 @@ class SavedActivations:
         self._module_stack.pop()
 
     def __enter__(self) -> "SavedActivations":
-        self._param_keys = parameter_storage_keys(self.parameters)
+        self._param_keys = parameter_storage_keys(self.parameters) | {storage_key(t) for t in self.exclude}
         if self.model is not None:
             for name, module in self.model.named_modules():
                 self._handles.append(module.register_forward_pre_hook(partial(self._enter_module, name)))

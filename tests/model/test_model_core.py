@@ -82,7 +82,7 @@ def test_init_model_is_deterministic_and_small_preset_is_bigger(tmp_path):
 
 def test_bad_preset_and_bad_folders_are_named(tmp_path):
     with pytest.raises(ValueError,
-                       match=r"Unknown preset 'huge'; allowed: \['qwen2\.5-vl-3b', 'qwen2\.5-vl-7b', 'small', 'tiny'\]"):
+                       match=r"Unknown preset 'huge'; allowed: \['qwen2\.5-vl-32b', 'qwen2\.5-vl-3b', 'qwen2\.5-vl-72b', 'qwen2\.5-vl-7b', 'small', 'tiny'\]"):
         init_model(tmp_path / "x", "huge")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "missing")
