@@ -219,9 +219,7 @@ def build_model(cfg: TrainConfig, main_process: bool):
     model = load_model(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation, iadgpt=cfg.iadgpt,
                        processor=processor)
     if cfg.gradient_checkpointing:
-        # Non-reentrant: the attention-map hooks run inside checkpointed layers and must keep gradients.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     if cfg.freeze_vision:
         freeze_vision_encoder(model, keep_merger=not cfg.freeze_merger)
     if cfg.lora.enabled:
@@ -233,6 +231,19 @@ def build_model(cfg: TrainConfig, main_process: bool):
         total, trainable = parameter_counts(model)
         print(f"Model {cfg.model}: {total / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable")
     return model, processor
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Checkpoint every decoder layer and vision block, non-reentrant: the attention-map hooks run
+    inside checkpointed layers and must keep their gradients.
+
+    transformers also hooks the input embeddings of every sub-model so that their outputs require a
+    gradient (`enable_input_require_grads`), which only reentrant checkpointing needs. Removed here:
+    on the vision tower's patch embedding it makes a frozen tower keep its activations and run
+    backward for nothing (stage 3 freezes it)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+    model.config.use_cache = False
 
 
 def deepspeed_weights_dtype() -> torch.dtype:

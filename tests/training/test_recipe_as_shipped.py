@@ -19,6 +19,7 @@ import yaml
 from iadgpt.data.records import StageInfo, TrainingRecord, read_records
 from iadgpt.model import load_model
 from iadgpt.training.collator import RecordCollator
+from iadgpt.training.trainer import enable_gradient_checkpointing
 
 REPO = Path(__file__).resolve().parents[2]
 # What configs/stage3.yaml ships, and its commented beyond-the-paper block switched on.
@@ -68,7 +69,7 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_checkpo
     for name, batch in batches.items():
         model.gradient_checkpointing_disable()
         plain_parts, plain_grads = loss_and_gradients(model, batch)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
         checkpointed_parts, checkpointed_grads = loss_and_gradients(model, batch)
         assert {"focal_loss", "dice_loss"} <= set(plain_parts), name
         assert checkpointed_parts == pytest.approx(plain_parts, rel=1e-4), name
@@ -114,7 +115,7 @@ def test_every_kind_of_batch_runs_the_same_modules_in_the_same_order(tiny_checkp
     folder = built_stages / "stage3"
     collator = RecordCollator(tiny_processor, StageInfo.read(folder))
     model = load_model(tiny_checkpoint, iadgpt=SETTINGS[settings], processor=tiny_processor).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     if freeze_vision:
         freeze_vision_encoder(model)
     tasks = records_by_task(folder)

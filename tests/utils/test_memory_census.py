@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from iadgpt.model import detection_inputs, load_model, load_processor
-from iadgpt.training.trainer import freeze_vision_encoder
+from iadgpt.training.trainer import enable_gradient_checkpointing, freeze_vision_encoder
 from iadgpt.utils.memory_census import SavedActivations, training_state_census
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ def test_gradient_checkpointing_keeps_the_layer_inputs_and_far_less(tiny_checkpo
     with SavedActivations(model) as full:
         loss = model(**tiny_batch).loss
     loss.backward()  # after the count: backward frees what it used
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     with SavedActivations(model) as kept:
         output = model(**tiny_batch)
     output.loss.backward()
@@ -116,13 +116,12 @@ def test_gradient_checkpointing_keeps_the_layer_inputs_and_far_less(tiny_checkpo
 
 
 def test_a_frozen_vision_tower_keeps_no_activations(tiny_checkpoint, tiny_batch):
-    """A frozen tower keeps nothing for backward, checkpointed or not, once nothing in it needs a gradient.
+    """A frozen tower keeps nothing for backward, checkpointed or not, as the recipe sets it up.
 
     transformers' gradient_checkpointing_enable also calls enable_input_require_grads, whose forward
     hook makes the output of *every* sub-model's input embeddings require a gradient, the vision
     tower's patch_embed included: then a frozen tower keeps its activations (the checkpointed blocks'
-    inputs) and backward runs through it. That is the shipped recipe's behaviour today
-    (docs/experiments/2026-12-05-training-step-census.md); removing the hooks shows the frozen case."""
+    inputs) and backward runs through it. The recipe's `enable_gradient_checkpointing` removes the hooks."""
     model = load_model(tiny_checkpoint, dtype=torch.float32).train()
     freeze_vision_encoder(model, keep_merger=False)
     with SavedActivations(model) as plain:
@@ -130,7 +129,9 @@ def test_a_frozen_vision_tower_keeps_no_activations(tiny_checkpoint, tiny_batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with SavedActivations(model) as hooked:
         model(**tiny_batch)
-    model.disable_input_require_grads()
+    model.disable_input_require_grads()  # a second enable would not see (and not remove) these hooks
+    model.gradient_checkpointing_disable()
+    enable_gradient_checkpointing(model)
     with SavedActivations(model) as checkpointed:
         model(**tiny_batch)
     for saved in (plain, checkpointed):
