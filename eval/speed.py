@@ -5,6 +5,7 @@
     python eval/speed.py eval          # batched single-pass scoring vs generating the answer text
     python eval/speed.py data-build    # stage-2 records/s, and peak memory of a 10x larger build
     python eval/speed.py train         # training samples/s, 1 vs 2 CPU processes under DeepSpeed
+    python eval/speed.py plan          # `iadgpt plan`'s memory parts vs the tensors of real training steps
 
 Each prints its measurements, and as its last line one JSON object with the ratios.
 The benchmark model is a random-weight Qwen2.5-VL of the real architecture, sized so that the
@@ -378,6 +379,7 @@ def batch_shape(model, batch: dict, output) -> dict:
         "dummy_image": "dummy_pixel_values" in batch,
         "labels": int((batch["labels"] != -100).sum()),
         "pixel_map_requested": any(m is not None for m in masks),
+        "mask_pixels": sum(m.numel() for m in masks if m is not None),
     }
 
 
@@ -418,11 +420,74 @@ def train_speed(args) -> dict:
             "scaling": round(speeds[2] / speeds[1], 3)}
 
 
+PLAN_CASES = {"none": None, "zero2": "cpu_2proc_zero2.yaml", "zero3": "cpu_2proc_zero3.yaml"}
+
+
+def plan_check(args) -> dict:
+    """`iadgpt plan`'s parts against what a real training step holds: for each preset (tiny, small,
+    the 3B at its released widths and reduced depth) under no DeepSpeed (1 process) and ZeRO-2 / ZeRO-3
+    (2 processes), one `plan-step` run of the shipped stage-3 recipe, then the planner's weights,
+    gradients, optimizer states, DeepSpeed buffers and saved activations for the same step
+    (`iadgpt.planning.check`), every process compared."""
+    from iadgpt.config import load_config
+    from iadgpt.data.builders import DatasetSource, Stage3Options, index_sources, stage3_records, write_stage
+    from iadgpt.data.factory import make_synthetic
+    from iadgpt.planning.check import STATE_PARTS, compare
+    from iadgpt.training.config import TrainConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    stage_config = repo / "configs" / "stage3.yaml"
+    cfg = load_config(TrainConfig, stage_config)
+    errors = {"states": 0.0, "activations": 0.0, "deepspeed_buffers": 0.0}
+    cases = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_synthetic(tmp / "factory", categories=3, seed=3, image_size=112, train_normals=6, test_normals=2,
+                       test_anomalies_per_kind=1)
+        source = DatasetSource.parse(f"factory=mvtec:{tmp / 'factory'}")
+        write_stage(tmp / "stage3", 3, {"factory": str(source.root)},
+                    stage3_records(index_sources([source]), Stage3Options(records=24), 0))
+        print(f"{'case':<24}{'rank':>5}  " + "  ".join(f"{p:>28}" for p in (*STATE_PARTS, "deepspeed_buffers",
+                                                                           "activations")))
+        for preset in args.presets:
+            checkpoint = init_model(tmp / preset, preset)
+            for mode in args.modes:
+                out = tmp / f"{preset}-{mode}.json"
+                worker = [str(repo / "eval" / "speed.py"), "plan-step", "--config", str(stage_config), "--out", str(out),
+                          f"model={checkpoint}", f"data={tmp / 'stage3'}", f"output_dir={tmp / 'run'}",
+                          "per_device_batch_size=1", "num_workers=0", "max_steps=2", "min_pixels=3136",
+                          f"max_pixels={112 * 112}"]
+                if PLAN_CASES[mode] is None:
+                    command = [sys.executable, *worker, "global_batch_size=1", "mixed_precision=no"]
+                else:
+                    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(repo / "configs" / "accelerate" / PLAN_CASES[mode]), *worker, "global_batch_size=2"]
+                done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"plan-step {preset} {mode} failed:\n{done.stderr[-3000:]}")
+                cases += 1
+                for rank in json.loads(out.read_text())["ranks"]:
+                    parts = compare(checkpoint, cfg, rank)
+                    errors["states"] = max(errors["states"], *(parts[p]["rel_error"] for p in STATE_PARTS))
+                    errors["activations"] = max(errors["activations"], parts["activations"]["rel_error"])
+                    if "deepspeed_buffers" in parts:
+                        errors["deepspeed_buffers"] = max(errors["deepspeed_buffers"],
+                                                          parts["deepspeed_buffers"]["rel_error"])
+                    cells = [f"{parts[p]['planned'] / 2**20:9.2f}/{parts[p]['measured'] / 2**20:9.2f} MiB "
+                             f"{parts[p]['rel_error']:5.3f}" if p in parts else f"{'-':>28}"
+                             for p in (*STATE_PARTS, "deepspeed_buffers", "activations")]
+                    print(f"{preset + ' ' + mode:<24}{rank['rank']:>5}  " + "  ".join(cells), flush=True)
+    print("cells: planned/measured, relative error; states at the optimizer step, DeepSpeed buffers at the end "
+          f"of backward (the fullest process planned; max error {errors['deepspeed_buffers']:.3f})")
+    return {"bench": "plan", "cases": cases, "max_rel_error_states": round(errors["states"], 4),
+            "max_rel_error_activations": round(errors["activations"], 4)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     for name in ("compression", "pixel-map", "pixel-map-worker", "eval", "data-build", "data-build-worker",
-                 "train", "plan-step"):
+                 "train", "plan", "plan-step"):
         p = sub.add_parser(name)
         p.add_argument("--shots", type=int, default=4, help="normal exemplars before the query")
         p.add_argument("--image-size", type=int, default=504, help="image side in pixels (504 -> 324 tokens)")
@@ -453,6 +518,10 @@ def main(argv=None) -> None:
             p.set_defaults(repeats=2)
             p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (8 samples each)")
             p.add_argument("--preset", default="small", help="init-model preset")
+        if name == "plan":
+            p.add_argument("--presets", nargs="+", default=["tiny", "small", "qwen2.5-vl-3b"],
+                           help="init-model presets, at their default (reduced) depth")
+            p.add_argument("--modes", nargs="+", choices=tuple(PLAN_CASES), default=list(PLAN_CASES))
         if name == "plan-step":
             p.add_argument("--config", required=True, help="stage YAML (configs/stage3.yaml ...)")
             p.add_argument("--out", required=True, help="merged JSON (each rank also writes <out>.rank<r>.json)")
@@ -466,7 +535,7 @@ def main(argv=None) -> None:
     if args.bench == "plan-step":
         return plan_step_worker(args)
     result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed, "data-build": data_build,
-              "train": train_speed}[args.bench](args)
+              "train": train_speed, "plan": plan_check}[args.bench](args)
     print(json.dumps(result))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float | None = None,
@@ -27,3 +28,11 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> 
     target = target.float().flatten()
     intersection = (prob * target).sum()
     return 1 - (2 * intersection + smooth) / (prob.sum() + target.sum() + smooth)
+
+
+def pixel_losses(pixel_scores: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0,
+                 alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(focal, Dice) of a per-token anomaly probability map `[h, w]` against a 0/1 defect mask at the
+    image's own size: the map is upsampled bilinearly to the mask, so the loss sees every pixel."""
+    prob = F.interpolate(pixel_scores[None, None], size=mask.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    return focal_loss(prob, mask, gamma, alpha), dice_loss(prob, mask)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -22,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .attention_maps import REQUEST_KWARG, AttentionMapRecorder, AttentionMapRequest, padded_positions
 from .compression import compress_exemplar_tokens
 from .fusion import VisualLayerFusion
-from .losses import dice_loss, focal_loss
+from .losses import pixel_losses
 from .residuals import (
     DISTANCE_FEATURES,
     EXEMPLAR_SHIFTS,
@@ -795,11 +794,10 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         for b, mask in enumerate(pixel_masks):
             if mask is None:
                 continue
-            mask = mask.to(anomaly.device).float()
-            prob = F.interpolate(result.pixel_scores[b][None, None], size=mask.shape[-2:], mode="bilinear",
-                                 align_corners=False)[0, 0]
-            focal_terms.append(focal_loss(prob, mask, self.iadgpt.focal_gamma, self.iadgpt.focal_alpha))
-            dice_terms.append(dice_loss(prob, mask))
+            focal, dice = pixel_losses(result.pixel_scores[b], mask.to(anomaly.device).float(),
+                                       self.iadgpt.focal_gamma, self.iadgpt.focal_alpha)
+            focal_terms.append(focal)
+            dice_terms.append(dice)
         if not focal_terms:
             return
         result.focal_loss = torch.stack(focal_terms).mean()

@@ -1,7 +1,7 @@
 """Bytes a training forward pass saves for backward, per token, for every kind of layer of the model.
 
 The coefficients are not typed in from reading the code: `coefficients()` runs one layer of each
-kind (decoder layer, vision block, patch merger, output head, pixel-map rows) of the *installed*
+kind (decoder layer, vision block, patch merger, output head, pixel-map rows, pixel loss) of the *installed*
 transformers at a few small widths on the CPU, counts what autograd saves with saved-tensor hooks,
 and solves for bytes per token as a linear function of the widths (exact: every saved tensor is a
 width times the tokens). The planner scales those to any model. Attention is counted as the fused
@@ -131,6 +131,22 @@ def _head_bytes(mode: str, hidden: int, vocab: int, tokens: int) -> int:
     return saved.nbytes
 
 
+def _pixel_loss_bytes(map_side: int, mask_side: int) -> int:
+    """The pixel map's probability and its focal + Dice loss against a mask at image size (fp32 in
+    every mode: the maps are cast to fp32 before the loss)."""
+    from ..model.losses import pixel_losses
+    from ..model.modeling_iadgpt import pixel_anomaly_probability
+
+    anomaly = torch.rand(map_side, map_side, requires_grad=True)
+    normal = torch.rand(map_side, map_side, requires_grad=True)
+    mask = (torch.rand(mask_side, mask_side) > 0.5).float()
+    # The mask counts: the loss saves it, and it lives as long as the graph does.
+    with SavedActivations(parameters=[], exclude=[anomaly, normal]) as saved:
+        focal, dice = pixel_losses(pixel_anomaly_probability(anomaly, normal), mask)
+    del focal, dice
+    return saved.nbytes
+
+
 def _solve(rows: list[list[float]], values: list[int], names: list[str]) -> dict[str, float]:
     """Exact linear fit (least squares, then checked): bytes = sum(coefficient * feature)."""
     a, b = np.array(rows, dtype=float), np.array(values, dtype=float)
@@ -162,6 +178,9 @@ class LayerCoefficients:
     """Patch merger, per visual token (4 patches)."""
     head: dict[str, float]
     """Final norm + LM head + loss, per token."""
+    pixel_loss: dict[str, float]
+    """The pixel map's probability and focal + Dice loss: per mask pixel ("mask"), per map token
+    ("map") and once."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,50 +203,51 @@ def coefficients(mode: str) -> LayerCoefficients:
 
 
 def _fit_all(mode: str) -> LayerCoefficients:
-    if True:
-        torch.manual_seed(0)
-        # (hidden, heads, kv_heads, intermediate): head_dim 16 and 32, so hidden and heads separate.
-        shapes = [(64, 4, 2, 96), (128, 8, 2, 96), (128, 8, 4, 160), (128, 4, 2, 96), (256, 8, 2, 224), (96, 6, 3, 96)]
-        decoder, rows_ = [], []
-        for hidden, heads, kv, inter in shapes:
-            kv_width = kv * hidden // heads
-            features = [hidden, kv_width, inter, heads, 1]
-            weights = decoder_matmul_weights(hidden, kv_width, inter)
-            for tokens in (24, 48):
-                decoder.append(([tokens * f for f in features] + [weights], _decoder_layer_bytes(
-                    mode, hidden, heads, kv, inter, tokens, 0)))
-                for map_rows in (1, 3):
-                    for columns in (tokens // 2, tokens // 4):
-                        rows_.append(([tokens, tokens * hidden, tokens * kv_width, map_rows * tokens * heads,
-                                       map_rows * tokens, map_rows * columns * heads, map_rows * columns, columns,
-                                       map_rows * hidden, map_rows * heads, map_rows * hidden // heads, map_rows, 1,
-                                       hidden * (hidden + kv_width)],
-                                      _decoder_layer_bytes(mode, hidden, heads, kv, inter, tokens, map_rows, columns)))
-        names = ["hidden", "kv", "intermediate", "heads", "tokens", "weights"]
-        fit = lambda data, n: _solve([r for r, _ in data], [v for _, v in data], n)  # noqa: E731
-        vision, merger, head = [], [], []
-        for hidden, heads, inter in [(64, 4, 96), (128, 4, 96), (128, 8, 160), (96, 2, 224)]:
-            for patches in (32, 64):
-                vision.append(([patches, patches * hidden, patches * inter, patches * heads,
-                                vision_matmul_weights(hidden, inter)],
-                               _vision_block_bytes(mode, hidden, heads, inter, patches)))
-        for vision_hidden, text_hidden in [(32, 64), (64, 64), (32, 128)]:
-            for tokens in (8, 16):
-                merger.append(([tokens, tokens * vision_hidden, tokens * text_hidden,
-                                merger_matmul_weights(vision_hidden, text_hidden)],
-                               _merger_bytes(mode, vision_hidden, text_hidden, tokens)))
-        for hidden, vocab in [(64, 100), (128, 100), (64, 300)]:
-            for tokens in (8, 16):
-                head.append(([tokens, tokens * hidden, tokens * vocab, hidden * vocab, 1],
-                             _head_bytes(mode, hidden, vocab, tokens)))
-        return LayerCoefficients(
-            decoder=fit(decoder, names),
-            map_rows=fit(rows_, ["tokens", "hidden", "kv", "rows_x_heads", "rows", "rows_x_columns_x_heads",
-                                 "rows_x_columns", "columns", "rows_x_hidden_once", "rows_x_heads_once", "rows_x_head_dim_once", "rows_once",
-                                 "once", "weights"]),
-            vision_block=fit(vision, ["tokens", "hidden", "intermediate", "heads", "weights"]),
-            merger=fit(merger, ["tokens", "vision_hidden", "text_hidden", "weights"]),
-            head=fit(head, ["tokens", "hidden", "vocab", "weights", "once"]))
+    torch.manual_seed(0)
+    # (hidden, heads, kv_heads, intermediate): head_dim 16 and 32, so hidden and heads separate.
+    shapes = [(64, 4, 2, 96), (128, 8, 2, 96), (128, 8, 4, 160), (128, 4, 2, 96), (256, 8, 2, 224), (96, 6, 3, 96)]
+    decoder, rows_ = [], []
+    for hidden, heads, kv, inter in shapes:
+        kv_width = kv * hidden // heads
+        features = [hidden, kv_width, inter, heads, 1]
+        weights = decoder_matmul_weights(hidden, kv_width, inter)
+        for tokens in (24, 48):
+            decoder.append(([tokens * f for f in features] + [weights], _decoder_layer_bytes(
+                mode, hidden, heads, kv, inter, tokens, 0)))
+            for map_rows in (1, 3):
+                for columns in (tokens // 2, tokens // 4):
+                    rows_.append(([tokens, tokens * hidden, tokens * kv_width, map_rows * tokens * heads,
+                                   map_rows * tokens, map_rows * columns * heads, map_rows * columns, columns,
+                                   map_rows * hidden, map_rows * heads, map_rows * hidden // heads, map_rows, 1,
+                                   hidden * (hidden + kv_width)],
+                                  _decoder_layer_bytes(mode, hidden, heads, kv, inter, tokens, map_rows, columns)))
+    names = ["hidden", "kv", "intermediate", "heads", "tokens", "weights"]
+    fit = lambda data, n: _solve([r for r, _ in data], [v for _, v in data], n)  # noqa: E731
+    vision, merger, head = [], [], []
+    for hidden, heads, inter in [(64, 4, 96), (128, 4, 96), (128, 8, 160), (96, 2, 224)]:
+        for patches in (32, 64):
+            vision.append(([patches, patches * hidden, patches * inter, patches * heads,
+                            vision_matmul_weights(hidden, inter)],
+                           _vision_block_bytes(mode, hidden, heads, inter, patches)))
+    for vision_hidden, text_hidden in [(32, 64), (64, 64), (32, 128)]:
+        for tokens in (8, 16):
+            merger.append(([tokens, tokens * vision_hidden, tokens * text_hidden,
+                            merger_matmul_weights(vision_hidden, text_hidden)],
+                           _merger_bytes(mode, vision_hidden, text_hidden, tokens)))
+    for hidden, vocab in [(64, 100), (128, 100), (64, 300)]:
+        for tokens in (8, 16):
+            head.append(([tokens, tokens * hidden, tokens * vocab, hidden * vocab, 1],
+                         _head_bytes(mode, hidden, vocab, tokens)))
+    pixel = [([mask * mask, side * side, 1], _pixel_loss_bytes(side, mask)) for side in (4, 8) for mask in (16, 40)]
+    return LayerCoefficients(
+        decoder=fit(decoder, names),
+        map_rows=fit(rows_, ["tokens", "hidden", "kv", "rows_x_heads", "rows", "rows_x_columns_x_heads",
+                             "rows_x_columns", "columns", "rows_x_hidden_once", "rows_x_heads_once", "rows_x_head_dim_once", "rows_once",
+                             "once", "weights"]),
+        vision_block=fit(vision, ["tokens", "hidden", "intermediate", "heads", "weights"]),
+        merger=fit(merger, ["tokens", "vision_hidden", "text_hidden", "weights"]),
+        head=fit(head, ["tokens", "hidden", "vocab", "weights", "once"]),
+        pixel_loss=fit(pixel, ["mask", "map", "once"]))
 
 
 # Weights of the matmuls of each layer kind: under autocast each layer holds a bf16 copy of them for

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="memory of one GPU in GB as sold (80 for an H100 80GB; 1 GB = 10^9 bytes)")
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=2,
                         help="DeepSpeed ZeRO stage (default 2, as the README's launch configs; 0: no DeepSpeed)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="bf16 (default: DeepSpeed's bf16 engine, or bf16 autocast over fp32 weights without "
+                             "DeepSpeed) or fp32 throughout (mixed_precision=no; DeepSpeed on a CPU)")
     parser.add_argument("--offload", action="store_true",
                         help="ZeRO-Offload: optimizer states (and under ZeRO-3 the weights) in CPU memory")
     parser.add_argument("--lora", action="store_true", help="LoRA adapters (the config's lora settings) instead of "
@@ -63,7 +66,6 @@ def make_plan(args: argparse.Namespace, suggest: bool = True) -> Plan:
     from ..config import load_config
     from ..model.settings import IADGPTSettings
     from ..training.config import TrainConfig
-    from ..training.trainer import deepspeed_auto_sizes
 
     if args.gpus < 1 or args.nodes < 1:
         raise PlanError(f"--gpus {args.gpus} --nodes {args.nodes}: a plan needs at least one GPU on one node")
@@ -102,17 +104,11 @@ def make_plan(args: argparse.Namespace, suggest: bool = True) -> Plan:
     batch = args.per_device_batch or cfg.per_device_batch_size
     if batch < 1:
         raise PlanError(f"--per-device-batch {batch}: at least one sample per GPU")
-    ds = _deepspeed_json(zero)
-    auto = deepspeed_auto_sizes(shape.hidden)
-    resolve = lambda key, default: auto[key] if ds.get(key, default) == "auto" else int(ds.get(key, default))  # noqa: E731
-    run = RunSettings(
-        processes=processes, zero=zero, mode="bf16" if zero else "autocast", gradient_checkpointing=checkpointing,
-        per_device_batch=batch, freeze_vision=cfg.freeze_vision and not args.lora, freeze_merger=cfg.freeze_merger,
-        offload=args.offload, reduce_bucket_size=resolve("reduce_bucket_size", 500_000_000),
-        allgather_bucket_size=resolve("allgather_bucket_size", 500_000_000),
-        overlap_comm=bool(ds.get("overlap_comm", True)),
-        prefetch_bucket_size=resolve("stage3_prefetch_bucket_size", 50_000_000),
-        persistence_threshold=resolve("stage3_param_persistence_threshold", 100_000))
+    mode = "fp32" if args.precision == "fp32" else ("bf16" if zero else "autocast")
+    run = RunSettings.from_deepspeed(
+        _deepspeed_json(zero), shape.hidden, processes=processes, zero=zero, mode=mode,
+        gradient_checkpointing=checkpointing, per_device_batch=batch,
+        freeze_vision=cfg.freeze_vision and not args.lora, freeze_merger=cfg.freeze_merger, offload=args.offload)
     if args.lora:
         run = replace(run, freeze_vision=True, freeze_merger=True)
     return _plan(args, shape, params, sample, tokens, run, cfg, suggest)
@@ -151,7 +147,7 @@ def nearest_fits(args, shape, params, sample, run: RunSettings, cfg) -> list[dic
 
     candidates: list[tuple[str, RunSettings, object]] = []
     if run.zero != 3 and not args.lora:
-        candidates.append(("--zero 3", replace(run, zero=3, mode="bf16"), sample))
+        candidates.append(("--zero 3", replace(run, zero=3, mode="fp32" if run.mode == "fp32" else "bf16"), sample))
     if run.zero and not run.offload:
         candidates.append(("--offload", replace(run, offload=True), sample))
     if not run.gradient_checkpointing:
@@ -194,7 +190,8 @@ def describe(plan: Plan) -> str:
     t = plan.tokens
     lines = [
         f"iadgpt plan: {plan.model}, stage {plan.stage}, {run.processes} GPU(s), "
-        + (f"DeepSpeed ZeRO-{run.zero}" if run.zero else "no DeepSpeed (bf16 autocast, fp32 weights)")
+        + (f"DeepSpeed ZeRO-{run.zero}" if run.zero else "no DeepSpeed")
+        + {"bf16": " (bf16 weights)", "fp32": " (fp32)", "autocast": " (bf16 autocast, fp32 weights)"}[run.mode]
         + (" + offload" if run.offload else "") + f", per-device batch {run.per_device_batch}, "
         + f"gradient checkpointing {'on' if run.gradient_checkpointing else 'off'}",
         f"parameters: {plan.params.total / 1e9:.3f} B, trainable {plan.params.trainable / 1e9:.3f} B",

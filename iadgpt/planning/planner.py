@@ -116,11 +116,20 @@ class ParameterCounts:
     total: int
     trainable: int
     sizes: list[int] = field(repr=False, default_factory=list)
-    """Every parameter's element count (ZeRO-3 keeps those under its persistence threshold whole)."""
+    """Every parameter's element count, in `model.parameters()` order (DeepSpeed's flattening order)."""
+    trainable_flags: list[bool] = field(repr=False, default_factory=list)
     vision: int = 0
     text_non_embedding: int = 0
     """The language model's layers (for FLOPs)."""
     lm_head: int = 0
+
+    @property
+    def trainable_sizes(self) -> list[int]:
+        return [n for n, trains in zip(self.sizes, self.trainable_flags) if trains]
+
+    @property
+    def frozen_sizes(self) -> list[int]:
+        return [n for n, trains in zip(self.sizes, self.trainable_flags) if not trains]
 
 
 def count_parameters(config, freeze_vision: bool, freeze_merger: bool, lora=None) -> ParameterCounts:
@@ -141,6 +150,7 @@ def count_parameters(config, freeze_vision: bool, freeze_merger: bool, lora=None
         counts.total += param.numel()
         counts.trainable += param.numel() if param.requires_grad else 0
         counts.sizes.append(param.numel())
+        counts.trainable_flags.append(param.requires_grad)
         if ".visual." in f".{name}" or name.startswith("visual."):
             counts.vision += param.numel()
         elif ".layers." in name:
@@ -179,6 +189,9 @@ class SampleShape:
     """Word rows of the pixel map (training computes at least one in every sample)."""
     map_columns: int
     """Visual tokens of the query image (the pixel map's columns)."""
+    mask_pixels: int = 0
+    """Pixels of the defect mask the pixel loss compares the map with (the query image's own size;
+    0 for a sample without the pixel loss)."""
 
     @property
     def patches(self) -> int:
@@ -211,7 +224,8 @@ def stage_sample(shape: ModelShape, stage: int, shots: int, image_size: int, min
               "exemplars_uncompressed": exemplars * per_image, "exemplars_compressed": compressed_exemplars,
               "total": llm_tokens, "total_uncompressed": text + images * per_image}
     sample = SampleShape(image_patches=(patches,) * images, llm_tokens=llm_tokens,
-                         map_rows=MAP_ROWS if stage == 3 else 1, map_columns=per_image if stage == 3 else 1)
+                         map_rows=MAP_ROWS if stage == 3 else 1, map_columns=per_image if stage == 3 else 1,
+                         mask_pixels=image_size * image_size if stage == 3 else 0)
     return sample, tokens
 
 
@@ -225,62 +239,139 @@ class RunSettings:
     zero: int | None
     """DeepSpeed ZeRO stage (1, 2, 3) or None without DeepSpeed (DDP / one process)."""
     mode: str
-    """"bf16" (DeepSpeed's bf16 engine), "fp32" (DeepSpeed on a CPU), "autocast" (no DeepSpeed)."""
+    """"bf16" (DeepSpeed's bf16 engine), "fp32" (fp32 throughout: DeepSpeed on a CPU, or
+    mixed_precision=no), "autocast" (no DeepSpeed: fp32 weights, bf16 autocast)."""
     gradient_checkpointing: bool
     per_device_batch: int
     freeze_vision: bool
     freeze_merger: bool = False
     offload: bool = False
     """ZeRO-Offload: optimizer states (and ZeRO-3's weights) in CPU memory."""
-    reduce_bucket_size: int = 200_000_000
-    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 500_000_000
     overlap_comm: bool = True
-    prefetch_bucket_size: int = 0
-    persistence_threshold: int = 0
+    contiguous_gradients: bool = True
+    prefetch_bucket_size: int = 50_000_000
+    persistence_threshold: int = 100_000
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per element of the module's weights (and of DeepSpeed's gradient buffers)."""
+        return 2 if self.mode == "bf16" else 4
+
+    @classmethod
+    def from_deepspeed(cls, zero_config: dict, hidden: int, **settings) -> "RunSettings":
+        """Settings with the bucket sizes of a DeepSpeed `zero_optimization` section, its "auto"
+        entries resolved as the training loop resolves them (`deepspeed_auto_sizes`), absent ones
+        at DeepSpeed's defaults."""
+        from ..training.trainer import deepspeed_auto_sizes
+
+        auto = deepspeed_auto_sizes(hidden)
+
+        def size(key: str) -> int:
+            value = zero_config.get(key, getattr(cls, _FIELD_OF[key]))
+            return auto[key] if value == "auto" else int(value)
+
+        return cls(**settings, reduce_bucket_size=size("reduce_bucket_size"),
+                   overlap_comm=bool(zero_config.get("overlap_comm", True)),
+                   contiguous_gradients=bool(zero_config.get("contiguous_gradients", True)),
+                   prefetch_bucket_size=size("stage3_prefetch_bucket_size"),
+                   persistence_threshold=size("stage3_param_persistence_threshold"))
+
+
+_FIELD_OF = {"reduce_bucket_size": "reduce_bucket_size", "stage3_prefetch_bucket_size": "prefetch_bucket_size",
+             "stage3_param_persistence_threshold": "persistence_threshold"}
+
+
+def zero2_padded(trainable: int, processes: int) -> int:
+    """Elements of ZeRO-1/2's flat buffer of the trainable parameters: padded so that every
+    process's partition holds the same even number (`nccl_start_alignment_factor` 2 x processes)."""
+    align = 2 * processes
+    return -(-trainable // align) * align
+
+
+def zero3_partition(sizes: list[int], processes: int) -> int:
+    """Elements one process holds of `sizes` under ZeRO-3, which partitions every parameter on its
+    own, padded to a multiple of the process count."""
+    return sum(-(-n // processes) for n in sizes)
+
+
+def zero2_partition_gradients(params: ParameterCounts, processes: int) -> int:
+    """Elements of ZeRO-2's `grads_in_partition` on the fullest process: the whole of every trainable
+    parameter that overlaps its partition of the flat buffer (a parameter across a boundary counts
+    on both sides). It holds the reduced gradients from the first full bucket until the step."""
+    padded = zero2_padded(params.trainable, processes)
+    part = padded // processes
+    fullest, start = 0, 0
+    ends = []
+    for n in params.trainable_sizes:
+        ends.append((start, start + n))
+        start += n
+    for rank in range(processes):
+        low, high = rank * part, (rank + 1) * part
+        fullest = max(fullest, sum(e - s for s, e in ends if s < high and e > low))
+    return fullest
 
 
 def model_states(params: ParameterCounts, run: RunSettings) -> dict[str, float]:
-    """Bytes of weights, gradients and optimizer states held by one process.
+    """Bytes of weights, gradients and optimizer states one process holds at the optimizer step.
 
-    Without DeepSpeed, fp32 weights are the optimizer's master copy: 4 + 4 + 8 bytes per trainable
-    parameter. DeepSpeed's ZeRO optimizers keep their own fp32 master partition even when the module
-    is fp32, next to the module's weights (2 bytes each in bf16); gradients live in a partition of the
-    module's dtype; the AdamW moments are fp32. ZeRO-1 shards the optimizer states, ZeRO-2 also the
-    gradients, ZeRO-3 also the weights (except the parameters under the persistence threshold).
+    Checked to the byte on this CPU (fp32) against the tensors of a real step
+    (`eval/speed.py plan`; docs/experiments/2026-12-05-training-step-census.md):
+    - without DeepSpeed the fp32 weights are the optimizer's master copy: 4 bytes per parameter,
+      4 per trainable gradient, AdamW's two moments (8) and one 4-byte `step` per trainable tensor;
+    - ZeRO-1/2 flatten the trainable parameters into one buffer padded to `zero2_padded` elements;
+      each process keeps all weights, and of its partition the fp32 gradient, a separate fp32 master
+      copy (even of fp32 weights) and the two moments;
+    - ZeRO-3 partitions every parameter (`zero3_partition`): the weights, the flat gradient
+      partition in the module's dtype, the fp32 master's gradient made for the step, the master
+      and the moments.
+    With bf16 weights (b = 2) the sizes follow DeepSpeed's source, not a measurement: the step
+    converts the 16-bit gradient partition to fp32, so both count.
     """
-    n = run.processes
-    width = 2 if run.mode == "bf16" else 4
-    total, trainable = params.total, params.trainable
+    n, b = run.processes, run.weight_bytes
+    trainable, frozen = params.trainable, params.total - params.trainable
     if run.zero is None:
-        return {"weights": 4.0 * total, "gradients": 4.0 * trainable, "optimizer": 8.0 * trainable}
-    weights = width * total
+        return {"weights": 4.0 * params.total, "gradients": 4.0 * trainable,
+                "optimizer": 8.0 * trainable + 4.0 * len(params.trainable_sizes)}
     if run.zero == 3:
-        persistent = sum(s for s in params.sizes if s < run.persistence_threshold)
-        weights = width * (_partitioned(total - persistent, n) + persistent)
-    gradients = width * (_partitioned(trainable, n) if run.zero >= 2 else trainable)
-    optimizer = (4 + 8) * _partitioned(trainable, n)
-    if run.offload:
-        optimizer = 0.0
+        part = zero3_partition(params.trainable_sizes, n)
+        weights = b * (part + zero3_partition(params.frozen_sizes, n))
+        gradients = b * part + 4 * part
+    else:
+        padded = zero2_padded(trainable, n)
+        part = padded // n
+        weights = b * (padded + frozen)
+        gradients = 4 * part + (b * part if b != 4 else 0) + (b * padded if run.zero == 1 else 0)
+    optimizer = 12 * part + 4
+    if run.offload:  # the fp32 master, its gradient and the moments live in CPU memory
+        optimizer = 0
+        gradients = b * part if run.zero >= 2 else b * padded
         if run.zero == 3:
-            weights = 0.0
+            weights = 0
     return {"weights": float(weights), "gradients": float(gradients), "optimizer": float(optimizer)}
 
 
-def _partitioned(count: int, processes: int) -> float:
-    return count / processes
+def deepspeed_buffers(params: ParameterCounts, run: RunSettings) -> float:
+    """Bytes DeepSpeed holds on top of the model states while backward runs, per process.
 
-
-def deepspeed_buffers(shape: ModelShape, params: ParameterCounts, run: RunSettings) -> float:
-    """Bytes of DeepSpeed's working buffers per process (bucket sizes in elements of the module dtype)."""
+    ZeRO-1/2 with contiguous gradients: one reduce bucket of `reduce_bucket_size` elements, two
+    with overlap_comm, and ZeRO-2's `grads_in_partition` (`zero2_partition_gradients`). ZeRO-3: one
+    reduce bucket (overlap_comm does not double it), the parameters it keeps whole (at most
+    `persistence_threshold` elements each), and the gathered weights in flight: the prefetch bucket
+    plus the largest parameter. Buckets are in the module's dtype.
+    """
     if run.zero is None:
         return 0.0
-    width = 2 if run.mode == "bf16" else 4
-    buckets = run.reduce_bucket_size * width * (2 if run.overlap_comm else 1)
+    b = run.weight_bytes
     if run.zero == 3:
-        # the prefetch bucket of gathered weights; the largest single gather (the LM head) on top
-        largest = max(params.sizes) if params.sizes else 0
-        return float(buckets + width * (run.prefetch_bucket_size + largest))
-    return float(buckets + run.allgather_bucket_size * width)
+        whole = sum(n for n in params.sizes if n <= run.persistence_threshold)
+        gathered = run.prefetch_bucket_size + max(params.sizes, default=0)
+        return float(b * (run.reduce_bucket_size + whole + gathered))
+    if not run.contiguous_gradients:
+        return 0.0
+    buckets = run.reduce_bucket_size * (2 if run.overlap_comm else 1)
+    in_partition = zero2_partition_gradients(params, run.processes) if run.zero == 2 else 0
+    return float(b * (buckets + in_partition))
 
 
 def activation_bytes(shape: ModelShape, sample: SampleShape, run: RunSettings) -> dict[str, float]:
@@ -337,6 +428,8 @@ def activation_bytes(shape: ModelShape, sample: SampleShape, run: RunSettings) -
     parts["vision"] = vision
     parts["head_and_loss"] = per(coef.head, tokens=t, hidden=t * shape.hidden, vocab=t * shape.vocab,
                                  weights=shape.hidden * shape.vocab, once=1)
+    if sample.mask_pixels:
+        parts["pixel_loss"] = per(coef.pixel_loss, mask=sample.mask_pixels, map=sample.map_columns, once=1)
     saved = sum(parts.values())
     # Alive until backward without being saved: the logits the model returns (module dtype).
     held = t * shape.vocab * compute
@@ -392,7 +485,7 @@ def memory_plan(shape: ModelShape, params: ParameterCounts, sample: SampleShape,
     states = model_states(params, run)
     activations = activation_bytes(shape, sample, run)
     b = run.per_device_batch
-    memory = {**states, "deepspeed_buffers": deepspeed_buffers(shape, params, run),
+    memory = {**states, "deepspeed_buffers": deepspeed_buffers(params, run),
               "activations": activations["saved"] * b, "logits_held": activations["logits_held"] * b,
               "backward_peak": activations["backward_peak"] * b}
     memory["total"] = sum(memory.values())
