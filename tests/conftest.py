@@ -68,3 +68,35 @@ def built_stages(tmp_path_factory, tiny_checkpoint):
                                          "--replay", str(root / "stage2"), "--replay-ratio", "0.8",
                                          "--out", str(root / "stage3")])
     return root
+
+
+def _plan_step(tmp_path_factory, tiny_checkpoint, built_stages, accelerate_config: str) -> dict:
+    """`eval/speed.py plan-step` (the training loop's set-up, two steps, a census at step 2) on 2 CPU
+    processes with a shipped accelerate config and the shipped stage-3 settings; the merged JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("plan_step")
+    out = tmp / "census.json"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(repo / "configs" / "accelerate" / accelerate_config), str(repo / "eval" / "speed.py"),
+               "plan-step", "--config", str(repo / "configs" / "stage3.yaml"), "--out", str(out),
+               f"model={tiny_checkpoint}", f"data={built_stages / 'stage3'}", f"output_dir={tmp / 'run'}",
+               "per_device_batch_size=1", "global_batch_size=2", "num_workers=0", "max_steps=2"]
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def zero3_step_census(tmp_path_factory, tiny_checkpoint, built_stages):
+    return _plan_step(tmp_path_factory, tiny_checkpoint, built_stages, "cpu_2proc_zero3.yaml")
+
+
+@pytest.fixture(scope="session")
+def zero2_step_census(tmp_path_factory, tiny_checkpoint, built_stages):
+    return _plan_step(tmp_path_factory, tiny_checkpoint, built_stages, "cpu_2proc_zero2.yaml")

@@ -209,6 +209,9 @@ def describe(plan: Plan) -> str:
         lines.append(f"  {label:<34}{g(m[key])}")
     for part, value in m["activation_parts_per_sample"].items():
         lines.append(f"    per sample, {part:<24}{g(value)}")
+    per_sample = m["activations_per_sample"]
+    lines.append(f"    per sample, checkpointing on / off {g(per_sample['with_checkpointing'])} / "
+                 f"{per_sample['without_checkpointing'] / GIB:.2f} GiB")
     lines.append(f"  {'total':<34}{g(m['total'])}  of {g(plan.gpu_bytes)} ({plan.gpu_bytes / 1e9:.0f} GB)")
     c = plan.timing
     lines += [f"compute: {plan.flops['flops'] / 1e12:.1f} TFLOPs per sample ({plan.flops['formula']})",

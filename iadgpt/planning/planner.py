@@ -402,7 +402,8 @@ def activation_bytes(shape: ModelShape, sample: SampleShape, run: RunSettings) -
         # each checkpointed layer keeps its input; the layer itself is recomputed in backward
         parts["language_model"] = shape.layers * text_stream * shape.hidden * t
     else:
-        parts["language_model"] = shape.layers * layer + shape.map_layers * map_layer
+        parts["language_model"] = shape.layers * layer
+        parts["pixel_map_rows"] = shape.map_layers * map_layer
     # shared by the layers: rotary cos/sin, M-RoPE positions, the image-scatter mask (bool, T x h)
     parts["language_model"] += 2 * t * shape.head_dim * text_stream + 3 * t * 8 + t * shape.hidden
     if run.per_device_batch > 1:
@@ -491,4 +492,8 @@ def memory_plan(shape: ModelShape, params: ParameterCounts, sample: SampleShape,
     memory["total"] = sum(memory.values())
     memory["activation_parts_per_sample"] = {k: v for k, v in activations.items()
                                              if k not in ("saved", "logits_held", "backward_peak")}
+    other = activation_bytes(shape, sample, replace(run, gradient_checkpointing=not run.gradient_checkpointing))
+    memory["activations_per_sample"] = {
+        "with_checkpointing" if run.gradient_checkpointing else "without_checkpointing": activations["saved"],
+        "without_checkpointing" if run.gradient_checkpointing else "with_checkpointing": other["saved"]}
     return memory

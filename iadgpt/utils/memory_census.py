@@ -160,10 +160,10 @@ class SavedActivations:
                 return True
         if key in self._param_keys:
             return True
-        if self._zero3:  # a ZeRO-3 parameter gathered for this forward holds a storage made after __enter__
-            self._param_keys |= parameter_storage_keys(self.parameters)
-            return key in self._param_keys
-        return False
+        # A ZeRO-3 parameter gathered for this forward holds a storage made after __enter__; the keys
+        # are the storages parameters hold *now*: once released, an address may be reused by an
+        # activation (the logits, say), which must then count.
+        return self._zero3 and key in parameter_storage_keys(self.parameters)
 
     def _pack(self, tensor: torch.Tensor):
         self.packed_calls += 1
@@ -185,7 +185,9 @@ class SavedActivations:
         self._module_stack.pop()
 
     def __enter__(self) -> "SavedActivations":
-        self._param_keys = parameter_storage_keys(self.parameters) | {storage_key(t) for t in self.exclude}
+        self._param_keys = {storage_key(t) for t in self.exclude}
+        if not self._zero3:  # fixed for the forward (ZeRO-3's are looked up at every save)
+            self._param_keys |= parameter_storage_keys(self.parameters)
         if self.model is not None:
             for name, module in self.model.named_modules():
                 self._handles.append(module.register_forward_pre_hook(partial(self._enter_module, name)))
