@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -144,7 +145,9 @@ def count_parameters(config, freeze_vision: bool, freeze_merger: bool, lora=None
         if lora is not None and lora.enabled:
             from ..training.trainer import add_lora
 
-            model = add_lora(model, SimpleNamespace(lora=lora, freeze_vision=freeze_vision))
+            with warnings.catch_warnings():  # peft asks the meta model about checkpointing by a deprecated name
+                warnings.simplefilter("ignore", FutureWarning)
+                model = add_lora(model, SimpleNamespace(lora=lora, freeze_vision=freeze_vision))
     counts = ParameterCounts(total=0, trainable=0)
     for name, param in model.named_parameters():
         counts.total += param.numel()
