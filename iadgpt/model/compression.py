@@ -20,6 +20,14 @@ def tokens_to_keep(num_tokens: int, retention: float) -> int:
     return max(1, int(retention * num_tokens + 1e-9))
 
 
+def exemplar_token_count(per_image: int, exemplars: int, retention: float | None) -> int:
+    """Visual tokens `exemplars` images of `per_image` tokens each put before the language model: the
+    first (the reference) keeps all of its tokens, every other `tokens_to_keep`; None: no compression."""
+    if retention is None or exemplars == 0:
+        return exemplars * per_image
+    return per_image + (exemplars - 1) * tokens_to_keep(per_image, retention)
+
+
 @torch.no_grad()
 def compress_exemplar_tokens(exemplar_tokens: list[torch.Tensor], retention: float) -> list[torch.Tensor]:
     """Which visual tokens of each exemplar to keep.

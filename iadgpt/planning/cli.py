@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def make_plan(args: argparse.Namespace, suggest: bool = True) -> Plan:
     """The plan of `args`; with `suggest`, the nearest settings that fit when it does not."""
     from ..config import load_config
+    from ..model.checkpoint import check_pixel_limits
     from ..model.settings import IADGPTSettings
     from ..training.config import TrainConfig
 
@@ -88,9 +89,11 @@ def make_plan(args: argparse.Namespace, suggest: bool = True) -> Plan:
         raise PlanError(f"--shots {args.shots}: stage 3 samples have 1 or more normal exemplars")
     shape = model_shape(config, name, pixels)
     min_pixels = cfg.min_pixels or shape.min_pixels
-    max_pixels = args.max_pixels or cfg.max_pixels or shape.max_pixels
-    if max_pixels < min_pixels:
-        raise PlanError(f"--max-pixels {max_pixels} is below the processor's min_pixels {min_pixels}")
+    max_pixels = args.max_pixels if args.max_pixels is not None else (cfg.max_pixels or shape.max_pixels)
+    try:
+        check_pixel_limits(min_pixels, max_pixels)
+    except ValueError as err:
+        raise PlanError(f"--max-pixels {max_pixels}: {err}") from err
     image_size = args.image_size if args.max_pixels is None else math.isqrt(max_pixels)
     sample, tokens = stage_sample(shape, args.stage, args.shots, image_size, min_pixels, max_pixels, retention,
                                   settings.compress_exemplars, args.text_tokens)

@@ -17,7 +17,6 @@ functions training uses.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..model.compression import exemplar_token_count
 from .activations import coefficients, decoder_matmul_weights, merger_matmul_weights, vision_matmul_weights
 
 GIB = 1024 ** 3
@@ -81,7 +81,8 @@ class ModelShape:
 def load_model_config(model: str):
     """(Qwen2_5_VLConfig, name, (min_pixels, max_pixels)) of a preset name (at the released depth)
     or a checkpoint folder."""
-    from ..model.checkpoint import PRESETS, preset_config, preset_tokenizer
+    from ..model.checkpoint import (PRESETS, QWEN2_5_VL_MAX_PIXELS, QWEN2_5_VL_MIN_PIXELS, load_processor,
+                                    pixel_limits, preset_config, preset_tokenizer)
 
     if model in PRESETS:
         preset = PRESETS[model].released()
@@ -100,13 +101,12 @@ def load_model_config(model: str):
     if getattr(config, "model_type", None) not in ("qwen2_5_vl",):
         raise PlanError(f"--model {model}: config.json is a {getattr(config, 'model_type', '?')!r} model; "
                         "the planner knows Qwen2.5-VL (model_type 'qwen2_5_vl')")
-    pixels = (3136, 12845056)
-    processor = path / "preprocessor_config.json"
-    if processor.is_file():
-        values = json.loads(processor.read_text())
-        size = values.get("size") or {}
-        pixels = (values.get("min_pixels") or size.get("shortest_edge") or pixels[0],
-                  values.get("max_pixels") or size.get("longest_edge") or pixels[1])
+    pixels = (QWEN2_5_VL_MIN_PIXELS, QWEN2_5_VL_MAX_PIXELS)  # a folder without a processor: the released one's
+    if (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file():
+        try:
+            pixels = pixel_limits(load_processor(path))
+        except (OSError, ValueError) as err:
+            raise PlanError(f"--model {model}: its processor cannot be read: {err}") from err
     return config, path.name, pixels
 
 
@@ -218,9 +218,7 @@ def stage_sample(shape: ModelShape, stage: int, shots: int, image_size: int, min
     images = {1: 1, 2: STAGE2_IMAGES, 3: shots + 1}[stage]
     text = TEXT_TOKENS[stage] if text_tokens is None else text_tokens
     exemplars = images - 1 if stage == 3 else 0
-    kept = max(1, int(retention * per_image + 1e-9))
-    # The first exemplar is the reference and keeps every token; the others keep `retention` of theirs.
-    compressed_exemplars = (per_image if exemplars else 0) + max(exemplars - 1, 0) * kept
+    compressed_exemplars = exemplar_token_count(per_image, exemplars, retention)
     exemplar_tokens = compressed_exemplars if compress else exemplars * per_image
     llm_tokens = text + (images - exemplars) * per_image + exemplar_tokens
     tokens = {"text": text, "visual_per_image": per_image, "images": images,

@@ -765,15 +765,15 @@ def model_state_gib(model, processes: int, zero_stage: int | None) -> dict:
 def token_estimate(processor, settings, image_sizes=((448, 448), (1024, 1024)), shots=(0, 1, 2, 4),
                    prompt_tokens: int = 80) -> list[dict]:
     """Tokens per stage-3 sample by shot count and resolution, with and without exemplar compression."""
+    from ..model.compression import exemplar_token_count
+
     image_processor = processor.image_processor
     merge = image_processor.merge_size ** 2
+    retention = settings.exemplar_retention if settings.compress_exemplars else None
     rows = []
     for height, width in image_sizes:
         per_image = image_processor.get_number_of_image_patches(height, width, {}) // merge
-        kept = max(1, int(settings.exemplar_retention * per_image + 1e-9))
         for k in shots:
-            full = prompt_tokens + (k + 1) * per_image
-            compressed = prompt_tokens + per_image + (per_image if k else 0) + max(k - 1, 0) * kept
-            rows.append({"image": f"{height}x{width}", "shots": k, "tokens": full,
-                         "tokens_compressed": compressed if settings.compress_exemplars else full})
+            rows.append({"image": f"{height}x{width}", "shots": k, "tokens": prompt_tokens + (k + 1) * per_image,
+                         "tokens_compressed": prompt_tokens + per_image + exemplar_token_count(per_image, k, retention)})
     return rows

@@ -3,6 +3,7 @@ equal the memory census of a real training step, and bad requests get clear erro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,8 @@ def test_the_plan_of_a_real_zero_step_equals_what_it_held(zero, tiny_checkpoint,
     (["--model", "tiny", "--gpus", "0"], "--gpus 0 --nodes 1: a plan needs at least one GPU"),
     (["--model", "tiny", "--zero", "0", "--offload"], "--offload moves DeepSpeed's optimizer states"),
     (["--model", "tiny", "--zero", "3", "--lora"], "--lora with --zero 3: the recipe refuses it"),
+    (["--model", "tiny", "--max-pixels", "100"], "--max-pixels 100: min_pixels=3136 is above max_pixels=100"),
+    (["--model", "tiny", "--max-pixels", "0"], "--max-pixels 0: max_pixels=0: a pixel limit is a positive"),
 ])
 def test_bad_requests_are_refused_clearly(argv, message):
     base = {"--gpus": "1", "--gpu-memory": "24", "--stage": "3"}
@@ -115,3 +118,16 @@ def test_the_7b_plan_does_not_fit_one_24gb_gpu_and_lora_is_suggested(capsys):
     assert main(["plan", "--model", "qwen2.5-vl-7b", "--stage", "3", "--gpus", "1", "--gpu-memory", "24"]) == 0
     out = capsys.readouterr().out
     assert "verdict: does NOT fit" in out and "--lora" in out
+
+
+def test_a_checkpoint_folder_is_planned_with_its_own_processor_and_sizes(tiny_checkpoint, capsys):
+    """The tiny checkpoint folder plans as the tiny preset it was made from: same parameters, and the
+    pixel limits of the processor saved with it (64 visual tokens for a 1024-px image, not 1369)."""
+    common = ["--stage", "3", "--gpus", "1", "--gpu-memory", "24", "--json"]
+    plans = []
+    for model in (str(tiny_checkpoint), "tiny"):
+        assert main(["plan", "--model", model, *common]) == 0
+        plans.append(json.loads(capsys.readouterr().out))
+    assert plans[0]["tokens_per_sample"] == plans[1]["tokens_per_sample"]
+    assert plans[0]["tokens_per_sample"]["visual_per_image"] == 64
+    assert plans[0]["parameters"] == plans[1]["parameters"]
