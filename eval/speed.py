@@ -383,19 +383,25 @@ def batch_shape(model, batch: dict, output) -> dict:
     }
 
 
-def train_speed(args) -> dict:
-    """Samples/s of the training recipe on the small preset under DeepSpeed ZeRO-2: 1 vs 2 CPU processes."""
+def synthetic_stage3(folder: Path, categories: int, seed: int, records: int, shots: tuple[int, ...] | None = None) -> Path:
+    """A synthetic factory of 112-px images in `folder`/factory and stage-3 records from it in `folder`/stage3."""
     from iadgpt.data.builders import DatasetSource, Stage3Options, index_sources, stage3_records, write_stage
     from iadgpt.data.factory import make_synthetic
 
+    make_synthetic(folder / "factory", categories=categories, seed=seed, image_size=112, train_normals=8,
+                   test_normals=2, test_anomalies_per_kind=1)
+    source = DatasetSource.parse(f"factory=mvtec:{folder / 'factory'}")
+    options = Stage3Options(records=records, **({"shots": shots} if shots else {}))
+    write_stage(folder / "stage3", 3, {"factory": str(source.root)}, stage3_records(index_sources([source]), options, 0))
+    return folder / "stage3"
+
+
+def train_speed(args) -> dict:
+    """Samples/s of the training recipe on the small preset under DeepSpeed ZeRO-2: 1 vs 2 CPU processes."""
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_synthetic(tmp / "factory", categories=4, seed=0, image_size=112, train_normals=8, test_normals=2,
-                       test_anomalies_per_kind=2)
-        source = DatasetSource.parse(f"factory=mvtec:{tmp / 'factory'}")
-        write_stage(tmp / "stage3", 3, {"factory": str(source.root)},
-                    stage3_records(index_sources([source]), Stage3Options(records=400, shots=(2,)), 0))
+        synthetic_stage3(tmp, categories=4, seed=0, records=400, shots=(2,))
         checkpoint = init_model(tmp / "small", args.preset)
         # Interleaved repeats, best of each: other work on a shared machine only ever slows a run down.
         speeds = {1: [], 2: []}
@@ -430,8 +436,6 @@ def plan_check(args) -> dict:
     gradients, optimizer states, DeepSpeed buffers and saved activations for the same step
     (`iadgpt.planning.check`), every process compared."""
     from iadgpt.config import load_config
-    from iadgpt.data.builders import DatasetSource, Stage3Options, index_sources, stage3_records, write_stage
-    from iadgpt.data.factory import make_synthetic
     from iadgpt.planning.check import STATE_PARTS, compare
     from iadgpt.training.config import TrainConfig
 
@@ -442,11 +446,7 @@ def plan_check(args) -> dict:
     cases = 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_synthetic(tmp / "factory", categories=3, seed=3, image_size=112, train_normals=6, test_normals=2,
-                       test_anomalies_per_kind=1)
-        source = DatasetSource.parse(f"factory=mvtec:{tmp / 'factory'}")
-        write_stage(tmp / "stage3", 3, {"factory": str(source.root)},
-                    stage3_records(index_sources([source]), Stage3Options(records=24), 0))
+        synthetic_stage3(tmp, categories=3, seed=3, records=24)
         print(f"{'case':<24}{'rank':>5}  " + "  ".join(f"{p:>28}" for p in (*STATE_PARTS, "deepspeed_buffers",
                                                                            "activations")))
         for preset in args.presets:
