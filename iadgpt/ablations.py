@@ -20,11 +20,8 @@ Which parts of IADGPT matter, measured on the quickstart's own held-out categori
 Every row scores exactly the quickstart's k = 2 references and queries (its manifest, cut to k = 2).
 Variants live in OUT/ablations/<name>/ (each a resumable quickstart run sharing OUT's data), the
 table in OUT/ablations/ablations.md and .json. Each trained variant takes about the quickstart's own
-wall time (about 13 minutes after a 15-minute one), each inference-only row well under a minute: eleven
-variants, about 2.5 hours in one process; with the variants split over two processes on 2 CPU cores
-(`--variants`, then one final `--ablations` that reuses them and writes the table), eight variants
-took about an hour (docs/quickstart-experiments.md section 15), eleven and the inference-only rows
-72 minutes (section 18).
+wall time, each inference-only row well under a minute. `--variants a,b` trains some of them (split
+the variants over processes), and a final `--ablations` reuses what is trained and writes the table.
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .evaluation.reports import json_ready
+
 QUICKSTART_FORMAT = "iadgpt-quickstart/1"
 OWNED_ENTRIES = ("state.json", "data", "model", "configs", "runs", "eval", "report.json", "report.md", "chat.md",
                  "chat_query.png", "ablations", "wider")
@@ -123,8 +125,8 @@ class QuickstartSettings:
     fusion weights still train. Why stages 1 and 2: a random encoder's patches (near a random
     projection of the pixels) match a reference's patches better than after a few minutes of
     captions and discrepancy tasks have trained them; stage 3 then trains the encoder through the
-    in-context residuals it is compared by (docs/quickstart-experiments.md section 17). () trains
-    everything; the paper freezes its pretrained encoder in stage 3 only."""
+    in-context residuals it is compared by (docs/quickstart.md). () trains everything; the paper
+    freezes its pretrained encoder in stage 3 only."""
     learning_rates: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)
     """Peak AdamW learning rates of stages 1, 2, 3: a random model learns from scratch, so these are
     far above the paper's fine-tuning rates."""
@@ -137,11 +139,8 @@ class QuickstartSettings:
     """IADGPT setting overrides for every stage. Default: the in-context residuals, their evidence in
     the scores, half-patch-shifted exemplars in their patch bank, and a map drawn from the evidence
     alone on a half-patch lattice wherever there are exemplars (all beyond the paper), with the
-    Yes/No score loss; over seeds 0 and 1, k = 2 AUROC went from 41 / 54 / 69 % (in-context / local /
-    pixel; the paper's model) to 87 / 73 / 79 % with the residuals, 98 / 90 / 95 % with their
-    evidence, 97 / 94 / 95 % with the shifted exemplars, and 96 / 92 / 97 % with the lattice map
-    (docs/quickstart-experiments.md sections 10, 12, 14, 16). The image score is fused with the map's
-    maximum (`image_score_map_weight` 0.75, inference only: sections 18, 19). {} trains the paper's model."""
+    Yes/No score loss, and the image score fused with the map's maximum (`image_score_map_weight`,
+    inference only). docs/model.md has what each of them changed. {} trains the paper's model."""
     shots: tuple[int, ...] = (0, 1, 2, 4)
     """Numbers of normal references k of the benchmark."""
     seeds: int = 2
@@ -180,7 +179,7 @@ class QuickstartSettings:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds per unit of work on a 2-core CPU (measured; see docs/quickstart-experiments.md).
+    """Seconds per unit of work on a 2-core CPU, measured on the project's machine.
 
     Used twice: before any work, to refuse a budget that cannot fit data, evaluation and a minimum
     of training; and before training, for the parts not yet measured (metrics, baseline, report).
@@ -958,16 +957,16 @@ def report_document(metrics: dict, minutes: float, by_defect: dict | None = None
     {"by_defect": {"<k>": {"model" | "baseline": {"<type>": {"image_auroc": x, "pixel_auroc": y}}}}},
     and with `paired` (`Quickstart.paired_with_baseline`), the model minus the baseline per draw and
     category: {"paired": {"<k>": {metric: {"mean", "sem", "n", "ahead", "behind", "differences"}}}}
-    (the differences themselves kept, so several runs' can be pooled; eval/paired_comparison.py
+    (the differences themselves kept, so several runs' can be pooled; research/paired_comparison.py
     recomputes them from the benchmarks, which ablation variants have too)."""
     document = {"k": {}}
     for k in metrics["model"]:
-        document["k"][k] = {method: {name: _finite(summary["mean"]) for name, summary in metrics[method][k].items()}
+        document["k"][k] = {method: {name: json_ready(summary["mean"], 4) for name, summary in metrics[method][k].items()}
                             for method in ("model", "baseline")}
     document["minutes"] = round(minutes, 2)
     if by_defect is not None:
         document["by_defect"] = {
-            k: {method: {defect: {name: _finite(summary["mean"]) for name, summary in values.items()}
+            k: {method: {defect: {name: json_ready(summary["mean"], 4) for name, summary in values.items()}
                          for defect, values in by_defect[method][k].items()}
                 for method in ("model", "baseline")}
             for k in by_defect["model"]}
@@ -975,41 +974,12 @@ def report_document(metrics: dict, minutes: float, by_defect: dict | None = None
         from .evaluation.by_kind import summarize_differences
 
         document["paired"] = {
-            k: {name: {**{key: _finite(value) if isinstance(value, float) else value
-                          for key, value in summarize_differences(values).items()},
+            k: {name: {**json_ready(summarize_differences(values), 4),
                        "differences": [round(float(v), 5) for v in values]}
                 for name, values in by_metric.items()}
             for k, by_metric in paired.items()}
     return document
 
-
-def _finite(value: float):
-    return None if value != value else round(float(value), 4)  # NaN (undefined) -> null in JSON
-
-
-TARGETS = (
-    ("in-context image AUROC, k = 2", lambda r: r["k"]["2"]["model"]["image_auroc_in_context"], ">=", 0.90),
-    ("in-context image AUROC, k = 0 (near chance)", lambda r: r["k"]["0"]["model"]["image_auroc_in_context"], "<=", 0.65),
-    ("local-defect image AUROC, k = 2", lambda r: r["k"]["2"]["model"]["image_auroc_local"], ">=", 0.85),
-    ("local-defect pixel AUROC, k = 2", lambda r: r["k"]["2"]["model"]["pixel_auroc"], ">=", 0.85),
-    ("local image AUROC above baseline, k = 2",
-     lambda r: r["k"]["2"]["model"]["image_auroc_local"] - r["k"]["2"]["baseline"]["image_auroc_local"], ">", 0.0),
-    ("local pixel AUROC above baseline, k = 2",
-     lambda r: r["k"]["2"]["model"]["pixel_auroc"] - r["k"]["2"]["baseline"]["pixel_auroc"], ">", 0.0),
-)
-
-
-def target_rows(document: dict) -> list[tuple[str, float | None, str]]:
-    rows = []
-    for name, value_of, op, bound in TARGETS:
-        try:
-            value = value_of(document)
-        except (KeyError, TypeError):
-            rows.append((f"{name} {op} {bound:g}", None, "not measured"))
-            continue
-        ok = {">=": value >= bound, "<=": value <= bound, ">": value > bound}[op]
-        rows.append((f"{name} {op} {bound:g}", value, "met" if ok else "MISSED"))
-    return rows
 
 
 def _pct(summary: dict) -> str:
@@ -1099,17 +1069,13 @@ def report_markdown(run: Quickstart, metrics: dict, document: dict, chat: list[t
         "in-context-only defects are each scored against the same normal images; pixel AUROC is over the "
         "local-defect and normal images.", "",
         results_table(metrics), "",
-        f"Wall time: {document['minutes']:.1f} minutes (budget {s.minutes:g}).", "",
-        "## Targets (held-out categories, k = 2)", "",
-        "| target | measured | |", "|---|---:|---|",
+        f"Wall time: {document['minutes']:.1f} minutes (budget {s.minutes:g}).",
     ]
-    for name, value, verdict in target_rows(document):
-        lines.append(f"| {name} | {'n/a' if value is None else f'{value:.3f}'} | {verdict} |")
     for k, by_metric in document.get("paired", {}).items():
         lines += ["", f"## Model minus baseline, paired (k = {k})", "",
                   "The same references and queries scored by both; the difference per few-shot draw and "
                   "category (`iadgpt.evaluation.by_kind.paired_differences`), in AUROC points. Pool "
-                  "several runs with `python eval/paired_comparison.py RUN [RUN ...]`.", "",
+                  "several runs with `python research/paired_comparison.py RUN [RUN ...]`.", "",
                   paired_table(by_metric)]
     for k in (by_defect or {}).get("model", {}):
         lines += ["", f"## Local defects by type (k = {k})", "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_report_pairs_the_model_with_the_baseline(finished_run, tmp_path, capsys
         assert summary["mean"] == pytest.approx(expected, abs=2e-4), name
     assert "## Model minus baseline, paired (k = 2)" in (out / "report.md").read_text()
 
-    spec = importlib.util.spec_from_file_location("paired_recipe", Path(__file__).parents[1] / "eval" / "paired_comparison.py")
+    spec = importlib.util.spec_from_file_location("paired_recipe", Path(__file__).parents[1] / "research" / "paired_comparison.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     assert recipe.main([str(out), str(out), "--json", str(tmp_path / "paired.json")]) == 0
@@ -305,7 +306,16 @@ def test_wider_benchmark_pairs_the_same_model_and_baseline_on_more_held_out_imag
 
     from iadgpt.ablations import run_ablations
     from iadgpt.evaluation.by_kind import metrics_by_defect, metrics_by_kind, paired_differences
-    from iadgpt.wider_benchmark import WiderBenchmarkSettings, finite, run_wider_benchmark
+    from iadgpt.evaluation.reports import json_ready
+
+    spec = importlib.util.spec_from_file_location("wider_recipe", Path(__file__).parents[1] / "research" / "wider_benchmark.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # its dataclasses look their module up there
+    spec.loader.exec_module(recipe)
+    WiderBenchmarkSettings, run_wider_benchmark = recipe.WiderBenchmarkSettings, recipe.run_wider_benchmark
+
+    def finite(document):
+        return json_ready(document, 4)
 
     out, _, _ = finished_run
     settings = WiderBenchmarkSettings(categories=2, test_normals=2, anomalies_per_kind=1, draws=2, folder="wider_test")
@@ -363,9 +373,6 @@ def test_wider_benchmark_pairs_the_same_model_and_baseline_on_more_held_out_imag
         expected = varied["model"][name]["mean"] - result["baseline"][name]["mean"]
         assert paired["mean"] == pytest.approx(expected, abs=2e-4), name
 
-    spec = importlib.util.spec_from_file_location("wider_recipe", Path(__file__).parents[1] / "eval" / "wider_benchmark.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     arguments = ["--categories", "2", "--test-normals", "2", "--anomalies-per-kind", "1", "--draws", "2",
                  "--folder", "wider_test"]
     assert recipe.main([str(out), *arguments, "--json", str(tmp_path / "wider.json")]) == 0

@@ -17,7 +17,7 @@ defects a model localises worse than another method, not only that it does.
 
 `paired_differences` compares two methods that scored the same manifest (the model and the
 baseline): each metric's difference per few-shot draw and category, which `summarize_differences`
-turns into a mean ± standard error (eval/paired_comparison.py pools several runs).
+turns into a mean ± standard error (research/paired_comparison.py pools several runs).
 `compare_benchmarks` gives all three for two such benchmarks in one pass over their maps.
 
 Each metric is computed per category and averaged over categories (the benchmark's convention),

@@ -33,14 +33,17 @@ METRIC_TITLES = {
 MEAN_ROW = "mean"
 
 
-def json_ready(value):
-    """`value` with every non-finite float replaced by None (JSON null)."""
+def json_ready(value, digits: int | None = None):
+    """`value` with every non-finite float replaced by None (JSON null: an undefined metric), and with
+    `digits` every float rounded to that many decimals."""
     if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
+        return [json_ready(v, digits) for v in value]
     if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
+        if not math.isfinite(value):
+            return None
+        return float(value) if digits is None else round(float(value), digits)
     if isinstance(value, np.integer):
         return int(value)
     return value

@@ -160,7 +160,7 @@ PRESETS: dict[str, ModelPreset] = {
         fullatt_blocks=(1, 3), patch_size=14, window_size=56,
     ),
     # The quickstart's learner: about a million parameters, whose training step costs a quarter of
-    # a 3.5 M model's on one CPU core (docs/quickstart-experiments.md). 10-px patches give a 128-px
+    # a 3.5 M model's on one CPU core. 10-px patches give a 128-px
     # image (resized to 120) a 6 x 6 grid of visual tokens (Qwen's 14-px patches: 5 x 5 at 140 px),
     # for pixel maps of small defects; 120-px windows make every vision block attend over a whole
     # quickstart image in one call.

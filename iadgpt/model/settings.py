@@ -78,10 +78,8 @@ class IADGPTSettings:
     evidence: sigmoid(weight * logit(attention map) + evidence). 1.0 adds the two as they are; 0
     leaves the map of a query with exemplars to the evidence, which compares it with them patch by
     patch on one scale for every image, while the attention map, normalised per image, still draws
-    (and is trained on) the maps of queries without exemplars. The quickstart uses 0: on its
-    held-out products, leaving the attention out of trained models' maps gained 0.4-3 points of
-    pixel AUROC, training so beat w = 0.25 on three seeds of four, and w = 1 on two of three
-    (docs/quickstart-experiments.md section 16)."""
+    (and is trained on) the maps of queries without exemplars. The quickstart uses 0 (evidence in
+    docs/model.md)."""
     image_score_map_weight: float = 0.0
     """Beyond the paper (InCTRLv2 Eq. 9 adds the largest patch residual to its holistic score): the
     inspection's image score fuses the answer's probability p with the largest value m of the
@@ -90,11 +88,7 @@ class IADGPTSettings:
     does. A defect that covers a few patches moves the answer's logit less than it moves its own
     patches' evidence, which the maximum keeps. Applied where the pixel map is drawn
     (`Inspector.inspect`, hence the detection benchmark); training and the generated Yes/No answer
-    do not use it. The quickstart uses 0.75: on the wider held-out benchmark of six trained runs
-    (eval/wider_benchmark.py), with the models and references unchanged, local-defect image AUROC
-    is 0.6 points above the answer alone at 0.25, 1.2 at 0.5 and 1.6 at 0.75 (0.75 chosen on two
-    runs, confirmed on four), at a cost of 0.1 in-context points from 0.5 to 0.75; 1 (the map alone)
-    loses more in-context (docs/quickstart-experiments.md sections 18, 19)."""
+    do not use it. The quickstart uses 0.75 (evidence in docs/model.md)."""
     attention_map_layers: list[int] | None = None
     """LLM layers whose attention gives the pixel map. None: four evenly spaced layers ending at
     the last (paper: 7, 14, 21, 28 of 28)."""

@@ -5,15 +5,15 @@ normal references and normal / local-defect / in-context-only queries, encodes t
 model's vision tower, and scores each query by the largest residual distance over its tokens
 (`iadgpt.model.residuals`: token-level, and patch-level max over each token's patches), the map by
 those distances. This is the signal the language model receives from `in_context_residuals`; the
-trained model's AUROC can be compared against it (docs/quickstart-experiments.md section 10).
+trained model's AUROC can be compared against it (docs/experiments/2026-12-01-quickstart-experiments.md section 10).
 `--exemplar-shifts 3` adds the exemplars' half-patch-shifted patches to the patch bank (the setting
 `exemplar_shifts`, section 14); the nearest-patch baseline is scored on the same images. Each
 category gets 6 normal, one of each of the factory's local defect types and 3 in-context-only
 queries (the figures of sections 10 and 14 were measured with 6 local queries of the first four
 types, before cutpaste, scar and texture_blend existed).
 
-    python eval/residual_signal.py                          # random small model, 18 categories, k = 2
-    python eval/residual_signal.py --model runs/quickstart/runs/stage3 --exemplar-shifts 3
+    python research/residual_signal.py                          # random small model, 18 categories, k = 2
+    python research/residual_signal.py --model runs/quickstart/runs/stage3 --exemplar-shifts 3
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ very same references and queries, though, so the difference per (run, draw, cate
 average: this recipe pools those differences over every run given and prints, per metric, their
 mean ± standard error in AUROC points and how many pairs are ahead and behind.
 
-    python eval/paired_comparison.py runs/qs_s0 runs/qs_s1 runs/qs_s2       # quickstart outputs
-    python eval/paired_comparison.py runs/qs_s0/ablations/no_stage2 --k 2   # an ablation variant
-    python eval/paired_comparison.py runs/qs_s* --json paired.json
+    python research/paired_comparison.py runs/qs_s0 runs/qs_s1 runs/qs_s2       # quickstart outputs
+    python research/paired_comparison.py runs/qs_s0/ablations/no_stage2 --k 2   # an ablation variant
+    python research/paired_comparison.py runs/qs_s* --json paired.json
 
 A run is a finished `iadgpt quickstart --out RUN` folder, or one of its ablation variants
 (RUN/ablations/<name>, compared with RUN's baseline on the same draws).

@@ -5,10 +5,10 @@ same product twice), k normal references and a query that is either another norm
 in-context-only defect (wrong colour, count or pattern: normal-looking on its own). The loss is the
 cross-entropy of the "Yes"/"No" logits at the answer position only, the quantity the image score
 reads. It prints the running decision accuracy on the training stream and, at the end, the image
-AUROC on 128 queries of unseen categories. docs/quickstart-experiments.md has the measured curves.
+AUROC on 128 queries of unseen categories. docs/experiments/2026-12-01-quickstart-experiments.md has the measured curves.
 
-    python eval/in_context_probe.py --k 1 --minutes 15          # k = 1 references
-    python eval/in_context_probe.py --k 0 --minutes 5           # control: nothing to compare with
+    python research/in_context_probe.py --k 1 --minutes 15          # k = 1 references
+    python research/in_context_probe.py --k 0 --minutes 5           # control: nothing to compare with
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=1, help="normal references per query")
     parser.add_argument("--kind", choices=("in_context", "color", "local"), default="in_context",
                         help="defects of the positive queries (color: wrong colour only; local: the factory's "
-                             "local types, of which sections 4 and 7 of docs/quickstart-experiments.md used "
+                             "local types, of which sections 4 and 7 of docs/experiments/2026-12-01-quickstart-experiments.md used "
                              "the first four)")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
