@@ -264,6 +264,7 @@ def test_command_line_refuses_bad_ablation_variants_before_any_work(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_ablations_write_one_row_per_variant_and_retention(finished_run):
     from iadgpt.ablations import INFERENCE_VARIANTS, RETENTIONS, TRAINED_VARIANTS, run_ablations
 

@@ -43,7 +43,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage as _scipy_ndimage
+from scipy import ndimage
 from scipy.stats import rankdata
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
@@ -315,39 +315,10 @@ def _pooled_pixels(bool_masks: list[np.ndarray], float_maps: list[np.ndarray]) -
 # AUPRO (per-region overlap), MVTec AD reference definition
 # --------------------------------------------------------------------------------------------
 
-def _label_8_connected_without_scipy(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected component labelling by flood fill. scipy is a dependency (pyproject), so this runs
-    only where `_scipy_ndimage` is set to None: the tests' pure-numpy cross-check of scipy's labels.
-
-    Same output convention as `scipy.ndimage.label`: background 0, regions 1..n numbered in
-    raster order of their first pixel.
-    """
-    height, width = mask.shape
-    labels = np.zeros(mask.shape, dtype=np.int32)
-    region_count = 0
-    for row, col in zip(*np.nonzero(mask)):
-        if labels[row, col]:
-            continue
-        region_count += 1
-        labels[row, col] = region_count
-        stack = [(row, col)]
-        while stack:
-            r, c = stack.pop()
-            for dr in (-1, 0, 1):
-                for dc in (-1, 0, 1):
-                    nr, nc = r + dr, c + dc
-                    if 0 <= nr < height and 0 <= nc < width and mask[nr, nc] and not labels[nr, nc]:
-                        labels[nr, nc] = region_count
-                        stack.append((nr, nc))
-    return labels, region_count
-
-
 def _label_defect_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Connected defect regions of one bool mask, 8-connectivity (MVTec reference)."""
-    if _scipy_ndimage is not None:
-        labels, region_count = _scipy_ndimage.label(mask, structure=EIGHT_CONNECTIVITY)
-        return labels, int(region_count)
-    return _label_8_connected_without_scipy(mask)
+    labels, region_count = ndimage.label(mask, structure=EIGHT_CONNECTIVITY)
+    return labels, int(region_count)
 
 
 def _pro_curve_validated(bool_masks: list[np.ndarray], float_maps: list[np.ndarray],

@@ -395,24 +395,6 @@ def test_pro_curve_full_range_ends_at_one_one_and_is_monotone():
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= -1e-12)
 
 
-def test_fallback_labelling_matches_scipy_8_connectivity():
-    rng = np.random.default_rng(8)
-    for _ in range(20):
-        mask = rng.random((15, 17)) < 0.3
-        ours, ours_count = metrics_module._label_8_connected_without_scipy(mask)
-        theirs, theirs_count = ndimage.label(mask, structure=np.ones((3, 3)))
-        assert ours_count == theirs_count
-        np.testing.assert_array_equal(ours, theirs)
-
-
-def test_aupro_without_scipy_gives_the_same_value(monkeypatch):
-    rng = np.random.default_rng(9)
-    masks, maps = random_masks_and_maps(rng)
-    with_scipy = aupro(masks, maps)
-    monkeypatch.setattr(metrics_module, "_scipy_ndimage", None)
-    assert aupro(masks, maps) == pytest.approx(with_scipy, abs=1e-12)
-
-
 # ---------------------------------------------------------------------------------------------
 # per-category normalisation
 # ---------------------------------------------------------------------------------------------

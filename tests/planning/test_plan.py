@@ -74,6 +74,7 @@ def test_deepspeed_partitions_are_padded_as_deepspeed_pads_them():
     assert deepspeed_buffers(params, RunSettings(zero=3, **run)) == 2 * (100 + 3 + 10 + 9)  # bucket, whole, gathered
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_the_plan_of_a_real_zero_step_equals_what_it_held(zero, tiny_checkpoint, zero2_step_census, zero3_step_census):
     """The shipped stage-3 recipe on 2 CPU processes: every rank's weights, gradients and optimizer

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -27,6 +28,7 @@ def train_one_step(checkpoint, data, out, mixed_precision):
     return row["loss"], load_file(Path(out) / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_bf16_training_keeps_fp32_weights_and_small_updates_land(tiny_checkpoint, toy_stage, tmp_path):
     before = load_file(tiny_checkpoint / "model.safetensors")
     loss_bf16, after = train_one_step(tiny_checkpoint, toy_stage, tmp_path / "bf16", "bf16")

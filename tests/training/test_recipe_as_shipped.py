@@ -158,6 +158,7 @@ def losses(output_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_deepspeed_trains_a_replay_mixed_stage_with_gradient_checkpointing(tiny_checkpoint, built_stages, tmp_path,
                                                                           zero):
@@ -176,6 +177,7 @@ def test_deepspeed_trains_a_replay_mixed_stage_with_gradient_checkpointing(tiny_
     assert load_model(out).iadgpt.exemplar_retention == SHIPPED_STAGE3["exemplar_retention"]
 
 
+@pytest.mark.slow
 def test_the_shipped_stage_configs_train_in_a_chain(tiny_checkpoint, built_stages, tmp_path):
     """configs/stage1.yaml -> stage2.yaml -> stage3.yaml under ZeRO-3 on 2 processes, overriding only the
     model, data, output folder and sizes: gradient checkpointing, the frozen stage-3 encoder, the

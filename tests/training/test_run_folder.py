@@ -221,6 +221,7 @@ def test_metrics_are_cut_back_to_the_resumed_step(accelerator, tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_locked_folder_and_another_runs_checkpoint(tiny_checkpoint, toy_stage, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -42,6 +42,7 @@ def losses(output_dir):
     return {row["step"]: row["loss"] for row in rows}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_losses_and_weights(tiny_checkpoint, toy_stage, tmp_path):
     common = [f"model={tiny_checkpoint}", f"data={toy_stage}", "max_steps=6", "per_device_batch_size=2",
               "freeze_vision=false"]
@@ -65,6 +66,7 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(tiny_checkpoint, toy_
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_missing_previous_stage_and_unknown_key_fail_before_training(tmp_path, toy_stage, tiny_checkpoint):
     result = run_train([f"model={tmp_path / 'out2'}", f"data={toy_stage}", f"output_dir={tmp_path / 'o'}"],
                        check=False)
@@ -84,6 +86,7 @@ def test_missing_previous_stage_and_unknown_key_fail_before_training(tmp_path, t
     assert last_line == f"train.py: {broken / 'shard-00001.jsonl'}: No such file or directory"
 
 
+@pytest.mark.slow
 def test_lora_training_merges_into_a_plain_checkpoint_with_the_same_outputs(tiny_checkpoint, toy_stage, tmp_path,
                                                                             tiny_processor, random_image):
     common = [f"model={tiny_checkpoint}", f"data={toy_stage}", "max_steps=3", "per_device_batch_size=2",

@@ -138,6 +138,7 @@ def test_a_frozen_vision_tower_keeps_no_activations(tiny_checkpoint, tiny_batch)
     assert "model.visual.merger" in merger_trains.by_module(depth=3)
 
 
+@pytest.mark.slow
 def test_the_plan_step_worker_under_zero3_accounts_for_what_each_rank_holds(zero3_step_census):
     """Two CPU processes under ZeRO-3 (the shipped stage-3 settings): every rank holds its half of the
     partitioned state, and almost every live tensor belongs to a part, the batch or the outputs."""
