@@ -266,7 +266,7 @@ def test_command_line_refuses_bad_ablation_variants_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_ablations_write_one_row_per_variant_and_retention(finished_run):
-    from iadgpt.ablations import INFERENCE_VARIANTS, RETENTIONS, TRAINED_VARIANTS, run_ablations
+    from iadgpt.quickstart.ablations import INFERENCE_VARIANTS, RETENTIONS, TRAINED_VARIANTS, run_ablations
 
     out, _, _ = finished_run
     messages: list[str] = []
@@ -305,7 +305,7 @@ def test_wider_benchmark_pairs_the_same_model_and_baseline_on_more_held_out_imag
     import shutil
     from pathlib import Path
 
-    from iadgpt.ablations import run_ablations
+    from iadgpt.quickstart.ablations import run_ablations
     from iadgpt.evaluation.by_kind import metrics_by_defect, metrics_by_kind, paired_differences
     from iadgpt.evaluation.reports import json_ready
 

@@ -80,7 +80,7 @@ def variant_settings(base, changes: dict, text_layers: int):
 
 def check_variants(variants: list[str] | None) -> None:
     """Refuse names that are not trained variants (before any work is done)."""
-    from .quickstart import QuickstartError
+    from .settings import QuickstartError
 
     unknown = sorted(set(variants or []) - set(TRAINED_VARIANTS))
     if unknown:
@@ -95,8 +95,9 @@ def run_ablations(out: Path, settings, say=print, variants: list[str] | None = N
     (each variant resumes) and writes the whole table.
     """
     check_variants(variants)
-    from .evaluation.by_kind import metrics_by_kind
-    from .quickstart import Quickstart, QuickstartPaths, RunState, prepare_output
+    from ..evaluation.by_kind import metrics_by_kind
+    from .pipeline import Quickstart
+    from .settings import QuickstartPaths, RunState, prepare_output
 
     out = Path(out)
     main_state = json.loads((out / "state.json").read_text())
