@@ -146,8 +146,6 @@ def _plan(args, shape, params, sample, tokens, run: RunSettings, cfg, suggest: b
 
 def nearest_fits(args, shape, params, sample, run: RunSettings, cfg) -> list[dict]:
     """One change at a time from the request, in the order a user would try them; those that fit."""
-    from .planner import stage_sample
-
     candidates: list[tuple[str, RunSettings, object]] = []
     if run.zero != 3 and not args.lora:
         candidates.append(("--zero 3", replace(run, zero=3, mode="fp32" if run.mode == "fp32" else "bf16"), sample))

@@ -17,7 +17,6 @@ functions training uses.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
