@@ -19,12 +19,10 @@ from pathlib import Path
 
 from iadgpt.data.samples import DataError
 from iadgpt.data.builders import (
-    DatasetSource,
     Stage2Options,
     SyntheticDefects,
     add_dataset_arguments,
-    benchmark_test_images,
-    index_sources,
+    indexed_sources,
     pixel_rule,
     stage2_records,
     stage_roots,
@@ -47,9 +45,7 @@ def build(argv=None) -> None:
     args = parser.parse_args(argv)
 
     out = Path(args.out)
-    sources = [DatasetSource.parse(d) for d in args.dataset]
-    held_out = benchmark_test_images([DatasetSource.parse(b) for b in args.benchmark])
-    pools = index_sources(sources, held_out, skip_bad=args.skip_bad)
+    sources, held_out, pools = indexed_sources(args)
     resize = pixel_rule(args)
     options = Stage2Options(records=args.records, group_size=args.group_size,
                             synthetic_fraction=args.synthetic_fraction, resize=resize)

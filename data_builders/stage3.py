@@ -21,11 +21,9 @@ from itertools import chain
 from pathlib import Path
 
 from iadgpt.data.builders import (
-    DatasetSource,
     Stage3Options,
     add_dataset_arguments,
-    benchmark_test_images,
-    index_sources,
+    indexed_sources,
     instruction_records,
     load_captions,
     pixel_rule,
@@ -56,9 +54,7 @@ def build(argv=None) -> None:
                         help="normal references shown before instruction images of a known category")
     args = parser.parse_args(argv)
 
-    sources = [DatasetSource.parse(d) for d in args.dataset]
-    held_out = benchmark_test_images([DatasetSource.parse(b) for b in args.benchmark])
-    pools = index_sources(sources, held_out, set(args.categories) if args.categories else None, args.skip_bad)
+    sources, held_out, pools = indexed_sources(args, set(args.categories) if args.categories else None)
     resize = pixel_rule(args)
     options = Stage3Options(records=args.records, shots=tuple(args.shots), abnormal_references=args.abnormal_references,
                             resize=resize)

@@ -507,6 +507,14 @@ def add_dataset_arguments(parser, replay_ratio: float) -> None:
                         help="leave out (and count) unusable samples instead of stopping at the first")
 
 
+def indexed_sources(args, categories: set[str] | None = None):
+    """(sources, held-out benchmark images, indexed pools) of a builder's `--dataset` / `--benchmark`
+    / `--skip-bad` options: the benchmark's test images never enter a pool."""
+    sources = [DatasetSource.parse(d) for d in args.dataset]
+    held_out = benchmark_test_images([DatasetSource.parse(b) for b in args.benchmark])
+    return sources, held_out, index_sources(sources, held_out, categories, args.skip_bad)
+
+
 def with_replay(roots: dict[str, str], records: Iterable[TrainingRecord], folder: Path, ratio: float,
                 seed: int, pixels: tasks.ResizeRule | None = None) -> tuple[dict[str, str], Iterator[TrainingRecord]]:
     """The new records followed by the replayed `ratio` share of an earlier stage's `folder`, with
