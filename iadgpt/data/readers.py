@@ -105,6 +105,25 @@ class _SkipLedger:
         self.skipped = Counter()
         self.skipped_examples = {}
 
+    def _test_samples(self, category: str, classes: list[tuple[str, list[Path]]], mask_root: Path,
+                      what: str) -> Iterator[Sample]:
+        """Test samples of a folder-per-class layout: `good` images are normal, every other class
+        folder's are anomalous with that defect type and a mask `mask_root/<defect>/<pattern>`
+        (`MASK_NAME_PATTERNS`, first found); a missing mask is rejected when masks are required."""
+        for defect, images in classes:
+            for image in images:
+                if defect == NORMAL_DEFECT_TYPE:
+                    yield Sample(image, category, False, NORMAL_DEFECT_TYPE, None, "test")
+                    continue
+                candidates = [mask_root / defect / pattern.format(stem=image.stem)
+                              for pattern in self.MASK_NAME_PATTERNS]
+                mask = next((c for c in candidates if c.is_file()), None)
+                if mask is None and self.require_masks:
+                    self._reject(SKIP_MISSING_MASK, DataError(
+                        f"{image}: {what} has no mask (looked for {', '.join(str(c) for c in candidates)})"))
+                    continue
+                yield Sample(image, category, True, defect, mask, "test")
+
     def _reject(self, reason: str, error: DataError) -> None:
         if not self.skip_bad:
             raise error
@@ -297,27 +316,8 @@ class MVTecReader(DatasetReader):
             for image in train_images:
                 yield Sample(image, category, False, NORMAL_DEFECT_TYPE, None, "train")
         if split in (None, "test"):
-            for class_folder, images in test_classes:
-                defect = class_folder.name
-                for image in images:
-                    if defect == NORMAL_DEFECT_TYPE:
-                        yield Sample(image, category, False, NORMAL_DEFECT_TYPE, None, "test")
-                        continue
-                    candidates = [
-                        folder / "ground_truth" / defect / pattern.format(stem=image.stem)
-                        for pattern in self.MASK_NAME_PATTERNS
-                    ]
-                    mask = next((c for c in candidates if c.is_file()), None)
-                    if mask is None and self.require_masks:
-                        self._reject(
-                            SKIP_MISSING_MASK,
-                            DataError(
-                                f"{image}: anomalous test image has no mask (looked for "
-                                f"{', '.join(str(c) for c in candidates)})"
-                            ),
-                        )
-                        continue
-                    yield Sample(image, category, True, defect, mask, "test")
+            yield from self._test_samples(category, [(f.name, images) for f, images in test_classes],
+                                          folder / "ground_truth", "anomalous test image")
 
 
 class FolderReader(DatasetReader):
@@ -390,25 +390,7 @@ class FolderReader(DatasetReader):
                 yield Sample(image, category, False, NORMAL_DEFECT_TYPE, None, "train")
         if split not in (None, "test"):
             return
-        for defect, images in classes:
-            for image in images:
-                if defect == NORMAL_DEFECT_TYPE:
-                    yield Sample(image, category, False, NORMAL_DEFECT_TYPE, None, "test")
-                    continue
-                candidates = [
-                    folder / "masks" / defect / pattern.format(stem=image.stem) for pattern in self.MASK_NAME_PATTERNS
-                ]
-                mask = next((c for c in candidates if c.is_file()), None)
-                if mask is None and self.require_masks:
-                    self._reject(
-                        SKIP_MISSING_MASK,
-                        DataError(
-                            f"{image}: anomalous image has no mask (looked for "
-                            f"{', '.join(str(c) for c in candidates)})"
-                        ),
-                    )
-                    continue
-                yield Sample(image, category, True, defect, mask, "test")
+        yield from self._test_samples(category, classes, folder / "masks", "anomalous image")
 
 
 class VisAReader(DatasetReader):
