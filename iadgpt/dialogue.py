@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .model.modeling_iadgpt import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY
-from .inspection import generation_inputs
+from .model.prompts import generation_inputs
 from .model.prompts import few_shot_messages
 
 

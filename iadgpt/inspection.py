@@ -17,7 +17,7 @@ from PIL import Image
 
 from .model.checkpoint import device_and_dtype, load_model, load_processor
 from .model.modeling_iadgpt import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY
-from .model.prompts import few_shot_messages
+from .model.prompts import few_shot_messages, generation_inputs
 from .model.settings import DetectionQuestion
 
 
@@ -34,24 +34,6 @@ class InspectionResult:
     """[h, w] the same on the model's visual-token grid (before resizing)."""
     text: str | None = None
     """The model's free-text answer, when asked for."""
-
-
-def generation_inputs(processor, conversations: list[tuple[list[dict], list[Image.Image], list[int]]]):
-    """Left-padded model inputs for a batch of (chat messages, their images, image roles).
-
-    Left padding puts every row's answer position last, where the image score is read and where
-    generation starts; `image_roles` tells the model which images are compressible exemplars.
-    """
-    texts, images, roles = [], [], []
-    for messages, conversation_images, conversation_roles in conversations:
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        images.extend(image.convert("RGB") for image in conversation_images)
-        roles.extend(conversation_roles)
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-    if roles:
-        inputs["image_roles"] = torch.tensor(roles)
-    return inputs
 
 
 class Inspector:

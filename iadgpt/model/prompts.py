@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 
 from .settings import DetectionQuestion
@@ -34,10 +35,28 @@ def detection_inputs(processor, exemplars: list[list[Image.Image]], queries: lis
                      question: DetectionQuestion | None = None):
     """Left-padded processor inputs for scoring a batch of queries, each with its own exemplars."""
     question = question or DetectionQuestion()
-    texts, images = [], []
-    for refs, query in zip(exemplars, queries, strict=True):
-        messages = few_shot_messages(len(refs), question.text)
+    return generation_inputs(processor, [(few_shot_messages(len(refs), question.text), [*refs, query], None)
+                                         for refs, query in zip(exemplars, queries, strict=True)])
+
+
+def generation_inputs(processor, conversations: list[tuple[list[dict], list[Image.Image], list[int] | None]]):
+    """Left-padded model inputs for a batch of (chat messages, their images, image roles or None).
+
+    Left padding puts every row's answer position last, where the image score is read and where
+    generation starts; `image_roles` tells the model which images are compressible exemplars (None:
+    the model's default, every image but the last of a prompt an exemplar).
+    """
+    texts, images, roles = [], [], []
+    for messages, conversation_images, conversation_roles in conversations:
         texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        images.extend([*refs, query])
+        images.extend(image.convert("RGB") for image in conversation_images)
+        roles.append(conversation_roles)
     processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+    inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    given = [r for r in roles if r is not None]
+    if given and len(given) != len(roles):
+        raise ValueError("image roles are given for some conversations of the batch and not for others")
+    flat = [role for r in given for role in r]
+    if flat:
+        inputs["image_roles"] = torch.tensor(flat)
+    return inputs
