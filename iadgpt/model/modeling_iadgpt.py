@@ -10,7 +10,7 @@ only, which equals the full sequence with the dropped exemplar tokens masked out
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -69,6 +69,36 @@ class IADGPTOutput(CausalLMOutputWithPast):
     pixel_scores: list[torch.Tensor] | None = None
     residual_logits: torch.Tensor | None = None
     kept_tokens: torch.Tensor | None = None
+
+
+@dataclass
+class _Evidence:
+    """The residual evidence of one forward (`residual_scores`), by global image index of the query images."""
+
+    patch: dict[int, torch.Tensor] = field(default_factory=dict)
+    """[n, unit] evidence of each query image's patches."""
+    image: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Each query image's image evidence."""
+    shifted: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    """The patch evidence of each query image's shifted copies (`query_shifts`)."""
+    residual_logits: torch.Tensor | None = None
+    """Per sample, the image evidence of its query (0 without one); None without evidence."""
+
+
+@dataclass
+class _TokenLayout:
+    """Where things sit in the batch's (uncompressed) token sequence."""
+
+    keep: torch.Tensor
+    """[B, L] bool: the tokens the language model runs on (exemplar compression drops the others)."""
+    query_mask: torch.Tensor
+    """[B, L] bool: the query image's visual tokens of the samples that get a pixel map."""
+    query_end: torch.Tensor
+    """[B]: where the query image ends (the map's word rows come after it)."""
+    query_grid: list[tuple[int, int] | None]
+    """Per sample, the query's token grid (h, w), or None without a map."""
+    map_evidence: list[torch.Tensor | None]
+    """Per sample, the query's residual evidence map, or None."""
 
 
 @dataclass
@@ -485,123 +515,38 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         roles = default_image_roles(counts) if image_roles is None else [int(r) for r in image_roles]
         if len(roles) != len(image_embeds):
             raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
-        distances: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per query image, see _add_in_context_residuals
-        shifted_distances: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # ... and of its shifted copies
+        evidence = _Evidence()
         if self.iadgpt.in_context_residuals:
             image_embeds, distances, shifted_distances = self._add_in_context_residuals(
                 list(image_embeds), counts, roles, image_patches, image_pixels, map_samples, unused)
-        patch_evidence: dict[int, torch.Tensor] = {}  # per query image, [n, unit] evidence of its patches
-        image_evidence: dict[int, torch.Tensor] = {}  # per query image, its image evidence
-        shifted_evidence: dict[int, list[torch.Tensor]] = {}  # per query image, that of its shifted copies' patches
-        residual_logits = None
-        if self.iadgpt.residual_scores and distances:
-            # One call for the query images and their shifted copies (see ResidualEvidence).
-            copies = [copy for g in shifted_distances for copy in shifted_distances[g]]
-            per_patch, per_image = self.residual_evidence(*map(list, zip(*distances.values(), *copies)))
-            patch_evidence = dict(zip(distances, per_patch))
-            image_evidence = dict(zip(distances, per_image))  # the copies' image evidence is not used
-            copy_evidence = iter(per_patch[len(distances):])
-            shifted_evidence = {g: [next(copy_evidence) for _ in QUERY_SHIFTS] for g in shifted_distances}
-            residual_logits = per_image.new_zeros(batch)  # per sample: filled in below
-        elif self.iadgpt.residual_scores and self.training:  # no query with exemplars: run it on nothing
-            nothing = self.residual_evidence.image_weight.new_zeros(1, len(DISTANCE_FEATURES))
-            per_patch, per_image = self.residual_evidence([nothing], [nothing.new_zeros(1, 1)])
-            unused.extend([*per_patch, per_image])
+            if self.iadgpt.residual_scores:
+                evidence = self._residual_evidence(distances, shifted_distances, batch, unused)
 
         # 2. Embed the text and scatter the images into it, exactly as Qwen2.5-VL does.
-        inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        if len(image_embeds):
-            flat_embeds = torch.cat(image_embeds, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
-                                                            image_features=flat_embeds)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask, flat_embeds)
+        inputs_embeds = self._embed_with_images(input_ids, image_embeds)
 
         # 3. 3-D M-RoPE positions on the full sequence: pruning must not renumber them.
         if position_ids is None:
-            if image_grid_thw is None and len(image_embeds):
-                raise ValueError("image_grid_thw is needed to compute the M-RoPE positions of the images.")
-            if mm_token_type_ids is None:
-                mm_token_type_ids = (input_ids == cfg.image_token_id).to(torch.int32)
-            position_ids, rope_deltas = self.model.get_rope_index(
-                input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
-            self.model.rope_deltas = rope_deltas
+            position_ids = self._mrope_positions(input_ids, attention_mask, image_grid_thw, mm_token_type_ids,
+                                                 bool(len(image_embeds)))
 
         # 4. Which tokens the language model keeps (compression), where the query image sits (maps).
-        keep = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
-        query_mask = torch.zeros_like(keep)
-        query_grid: list[tuple[int, int] | None] = []
-        query_end = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-        map_evidence: list[torch.Tensor | None] = [None] * batch  # the query's patch evidence map, per sample
-        merge = cfg.vision_config.spatial_merge_size
-        image_index = 0
-        for b, sample_spans in enumerate(spans):
-            sample_roles = roles[image_index:image_index + len(sample_spans)]
-            globals_ = list(range(image_index, image_index + len(sample_spans)))
-            image_index += len(sample_spans)
-            exemplars = [(g, s) for g, s, r in zip(globals_, sample_spans, sample_roles) if r == ROLE_EXEMPLAR]
-            queries = [(g, s) for g, s, r in zip(globals_, sample_spans, sample_roles) if r == ROLE_QUERY]
-            scored = [g for g, _ in queries if g in image_evidence]
-            if scored:  # a sample's evidence is that of its (last) query image
-                residual_logits[b] = image_evidence[scored[-1]]
-            if compress and exemplars:
-                kept = compress_exemplar_tokens([image_embeds[g] for g, _ in exemplars], self.iadgpt.exemplar_retention)
-                for (_, (start, end)), mask in zip(exemplars, kept):
-                    keep[b, start:end] = mask
-            elif compress and strict_compression and sample_spans:
-                raise ValueError(
-                    f"Sample {b} has no normal exemplar image before its query image, but exemplar "
-                    "compression was requested (compress_exemplars=True). Add exemplars or pass False.")
-            if want_maps and not map_samples[b]:
-                query_grid.append(None)
-            elif want_maps:
-                if image_grid_thw is None:
-                    raise ValueError("Pixel maps need image_grid_thw to know the query image's token grid.")
-                if len(queries) != 1:
-                    raise ValueError(f"Sample {b} has {len(queries)} query images; pixel maps need exactly one.")
-                g, (start, end) = queries[0]
-                query_mask[b, start:end] = True
-                query_end[b] = end
-                _, h, w = image_grid_thw[g].tolist()
-                query_grid.append((h // merge, w // merge))
-                if g in patch_evidence:
-                    map_evidence[b] = self._evidence_map(patch_evidence[g], shifted_evidence.get(g), h // merge,
-                                                         w // merge)
+        layout = self._token_layout(input_ids, spans, roles, image_embeds, image_grid_thw, compress,
+                                    strict_compression, map_samples, evidence)
+        residual_logits = evidence.residual_logits
 
         # 5. Word rows for the pixel maps: prompt words after the query image (they can attend to it).
+        rows = (None, None)
         if want_maps:
-            anomaly_rows, normal_rows = self._word_rows(input_ids, labels, query_end, anomaly_word_mask,
-                                                        normal_word_mask, map_samples)
+            rows = self._word_rows(input_ids, labels, layout.query_end, anomaly_word_mask, normal_word_mask,
+                                   map_samples)
 
-        # 6. Run the language model on the kept tokens only.
-        left_padded = bool(attention_mask[:, -1].all())
-        kept_tokens = None
-        embeds, positions, attn, lab = inputs_embeds, position_ids, attention_mask * keep, labels
-        if not keep.all():
-            kept_tokens = keep
-            seq = compact_sequences(
-                keep, left_padded,
-                {"embeds": inputs_embeds, "positions": position_ids, "attn": attention_mask * keep,
-                 "labels": labels, "query": query_mask,
-                 "anomaly": anomaly_rows if want_maps else None, "normal": normal_rows if want_maps else None},
-                {"positions": 2})
-            embeds, positions, attn, lab = seq["embeds"], seq["positions"], seq["attn"], seq["labels"]
-            if lab is not None:
-                lab = lab.masked_fill(attn == 0, -100)
-            if want_maps:
-                query_mask, anomaly_rows, normal_rows = seq["query"], seq["anomaly"], seq["normal"]
-            if use_cache is not False:
-                self._compacted_prefix = _CompactedPrefix(full_length=length, compact_mask=attn.detach())
-
-        request = None
-        if want_maps:
-            rows = anomaly_rows | normal_rows
-            row_index, row_valid = padded_positions(rows)
-            col_index, _ = padded_positions(query_mask)
-            request = AttentionMapRequest(
-                row_index=row_index, row_valid=row_valid,
-                row_is_anomaly=torch.gather(anomaly_rows, 1, row_index),
-                col_index=col_index, key_padding=attn.bool())
-        elif self.training:
+        # 6. Run the language model on the kept tokens only, the map layers recording the word rows.
+        embeds, positions, attn, lab, query_mask, rows = self._compact(
+            layout.keep, inputs_embeds, position_ids, attention_mask, labels, layout.query_mask, rows, use_cache)
+        kept_tokens = None if layout.keep.all() else layout.keep
+        request = self._map_request(rows, query_mask, attn) if want_maps else None
+        if request is None and self.training:
             # No map asked for: the map layers still compute one attention row (times zero in the loss).
             first = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)
             request = AttentionMapRequest(row_index=first, row_valid=first.bool(), row_is_anomaly=first.bool(),
@@ -628,14 +573,136 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             result.score_loss = self.answer_score_loss(logits, lab)
             result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
         if want_maps:
-            self._attach_maps(result, request, query_grid, pixel_masks, map_evidence)
-        if patch_evidence and result.loss is not None:
+            self._attach_maps(result, request, layout.query_grid, pixel_masks, layout.map_evidence)
+        if evidence.patch and result.loss is not None:
             # Evidence a loss did not use (no map, or no score loss) still joins the graph: DDP and
             # ZeRO expect every parameter of a forward to get a gradient.
-            result.loss = result.loss + 0.0 * (residual_logits.sum() + sum(t.sum() for t in patch_evidence.values()))
+            result.loss = result.loss + 0.0 * (residual_logits.sum() + sum(t.sum() for t in evidence.patch.values()))
         if unused and result.loss is not None:
             result.loss = result.loss + 0.0 * sum(t.float().sum() for t in unused)
         return result
+
+    def _compact(self, keep, inputs_embeds, position_ids, attention_mask, labels, query_mask, rows, use_cache):
+        """The sequences without the tokens compression dropped (`keep`), positions unchanged: embeddings,
+        M-RoPE positions, attention mask, labels, the query mask and the map's (anomaly, normal) word
+        rows. Remembers the compacted prefix for generation."""
+        attn = attention_mask * keep
+        if keep.all():
+            return inputs_embeds, position_ids, attn, labels, query_mask, rows
+        anomaly_rows, normal_rows = rows
+        seq = compact_sequences(
+            keep, bool(attention_mask[:, -1].all()),
+            {"embeds": inputs_embeds, "positions": position_ids, "attn": attn, "labels": labels, "query": query_mask,
+             "anomaly": anomaly_rows, "normal": normal_rows},
+            {"positions": 2})
+        lab = seq["labels"]
+        if lab is not None:
+            lab = lab.masked_fill(seq["attn"] == 0, -100)
+        if use_cache is not False:
+            self._compacted_prefix = _CompactedPrefix(full_length=keep.shape[1], compact_mask=seq["attn"].detach())
+        return seq["embeds"], seq["positions"], seq["attn"], lab, seq["query"], (seq["anomaly"], seq["normal"])
+
+    @staticmethod
+    def _map_request(rows, query_mask, attn) -> AttentionMapRequest:
+        """What the map layers record: each sample's word rows (anomaly or normal) attending to its
+        query image's tokens."""
+        anomaly_rows, normal_rows = rows
+        row_index, row_valid = padded_positions(anomaly_rows | normal_rows)
+        col_index, _ = padded_positions(query_mask)
+        return AttentionMapRequest(row_index=row_index, row_valid=row_valid,
+                                   row_is_anomaly=torch.gather(anomaly_rows, 1, row_index), col_index=col_index,
+                                   key_padding=attn.bool())
+
+    def _token_layout(self, input_ids, spans, roles, image_embeds, image_grid_thw, compress: bool,
+                      strict_compression: bool, map_samples, evidence: "_Evidence") -> "_TokenLayout":
+        """Per sample: the tokens the language model keeps (exemplar compression), where the query
+        image sits and its token grid (pixel maps), the query's evidence map; and each sample's image
+        evidence, taken from its (last) query image, into `evidence.residual_logits`."""
+        cfg = self.config
+        batch, length = input_ids.shape
+        want_maps = map_samples is not None
+        layout = _TokenLayout(
+            keep=torch.ones(batch, length, dtype=torch.bool, device=input_ids.device),
+            query_mask=torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device),
+            query_end=torch.zeros(batch, dtype=torch.long, device=input_ids.device),
+            query_grid=[], map_evidence=[None] * batch)
+        merge = cfg.vision_config.spatial_merge_size
+        image_index = 0
+        for b, sample_spans in enumerate(spans):
+            sample_roles = roles[image_index:image_index + len(sample_spans)]
+            globals_ = list(range(image_index, image_index + len(sample_spans)))
+            image_index += len(sample_spans)
+            exemplars = [(g, s) for g, s, r in zip(globals_, sample_spans, sample_roles) if r == ROLE_EXEMPLAR]
+            queries = [(g, s) for g, s, r in zip(globals_, sample_spans, sample_roles) if r == ROLE_QUERY]
+            scored = [g for g, _ in queries if g in evidence.image]
+            if scored:  # a sample's evidence is that of its (last) query image
+                evidence.residual_logits[b] = evidence.image[scored[-1]]
+            if compress and exemplars:
+                kept = compress_exemplar_tokens([image_embeds[g] for g, _ in exemplars], self.iadgpt.exemplar_retention)
+                for (_, (start, end)), mask in zip(exemplars, kept):
+                    layout.keep[b, start:end] = mask
+            elif compress and strict_compression and sample_spans:
+                raise ValueError(
+                    f"Sample {b} has no normal exemplar image before its query image, but exemplar "
+                    "compression was requested (compress_exemplars=True). Add exemplars or pass False.")
+            if want_maps and not map_samples[b]:
+                layout.query_grid.append(None)
+            elif want_maps:
+                if image_grid_thw is None:
+                    raise ValueError("Pixel maps need image_grid_thw to know the query image's token grid.")
+                if len(queries) != 1:
+                    raise ValueError(f"Sample {b} has {len(queries)} query images; pixel maps need exactly one.")
+                g, (start, end) = queries[0]
+                layout.query_mask[b, start:end] = True
+                layout.query_end[b] = end
+                _, h, w = image_grid_thw[g].tolist()
+                layout.query_grid.append((h // merge, w // merge))
+                if g in evidence.patch:
+                    layout.map_evidence[b] = self._evidence_map(evidence.patch[g], evidence.shifted.get(g), h // merge,
+                                                                w // merge)
+        return layout
+
+    def _residual_evidence(self, distances, shifted_distances, batch: int, unused: list) -> "_Evidence":
+        """The residual evidence (`residual_scores`) of the query images with exemplars and of their
+        shifted copies, in one call (see ResidualEvidence). Without such a query, training still runs
+        the module on nothing, so that every rank runs it."""
+        if distances:
+            copies = [copy for g in shifted_distances for copy in shifted_distances[g]]
+            per_patch, per_image = self.residual_evidence(*map(list, zip(*distances.values(), *copies)))
+            copy_evidence = iter(per_patch[len(distances):])
+            return _Evidence(
+                patch=dict(zip(distances, per_patch)),
+                image=dict(zip(distances, per_image)),  # the copies' image evidence is not used
+                shifted={g: [next(copy_evidence) for _ in QUERY_SHIFTS] for g in shifted_distances},
+                residual_logits=per_image.new_zeros(batch))  # per sample: filled in by _token_layout
+        if self.training:
+            nothing = self.residual_evidence.image_weight.new_zeros(1, len(DISTANCE_FEATURES))
+            per_patch, per_image = self.residual_evidence([nothing], [nothing.new_zeros(1, 1)])
+            unused.extend([*per_patch, per_image])
+        return _Evidence()
+
+    def _embed_with_images(self, input_ids, image_embeds) -> torch.Tensor:
+        """Token embeddings with the images' visual tokens scattered in, as Qwen2.5-VL does."""
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)
+        if len(image_embeds):
+            flat_embeds = torch.cat(image_embeds, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                                            image_features=flat_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, flat_embeds)
+        return inputs_embeds
+
+    def _mrope_positions(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids,
+                         has_images: bool) -> torch.Tensor:
+        """Qwen2.5-VL's 3-D M-RoPE positions of the full (uncompressed) sequence; remembers the rope
+        deltas generation continues from."""
+        if image_grid_thw is None and has_images:
+            raise ValueError("image_grid_thw is needed to compute the M-RoPE positions of the images.")
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.config.image_token_id).to(torch.int32)
+        position_ids, rope_deltas = self.model.get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+        self.model.rope_deltas = rope_deltas
+        return position_ids
 
     def _evidence_map(self, evidence: torch.Tensor, shifted: list[torch.Tensor] | None, height: int,
                       width: int) -> torch.Tensor:
