@@ -12,19 +12,15 @@ key is read from $OPENAI_API_KEY). Images of `--benchmark` test splits are left 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from iadgpt.data.captioning import caption_folder
-from iadgpt.data.samples import IMAGE_EXTENSIONS, DataError
-from iadgpt.data.builders import DatasetSource, benchmark_test_images, stage1_records, write_stage
+from iadgpt.data.builders import DatasetSource, benchmark_test_images, run_builder, stage1_records, write_stage
+from iadgpt.data.samples import IMAGE_EXTENSIONS
 
 
 def main(argv=None) -> None:
-    try:
-        build(argv)
-    except (DataError, ValueError) as err:  # bad input: one clear line, no traceback
-        sys.exit(f"stage1.py: {err}")
+    run_builder(build, "stage1.py", argv)
 
 
 def build(argv=None) -> None:

@@ -14,16 +14,15 @@ Qwen2.5-VL's bbox_2d format). `--replay` mixes in a share of the previous stage'
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from iadgpt.data.samples import DataError
 from iadgpt.data.builders import (
     Stage2Options,
     SyntheticDefects,
     add_dataset_arguments,
     indexed_sources,
     pixel_rule,
+    run_builder,
     stage2_records,
     stage_roots,
     write_with_replay,
@@ -31,10 +30,7 @@ from iadgpt.data.builders import (
 
 
 def main(argv=None) -> None:
-    try:
-        build(argv)
-    except (DataError, ValueError) as err:  # bad input: one clear line, no traceback
-        sys.exit(f"stage2.py: {err}")
+    run_builder(build, "stage2.py", argv)
 
 
 def build(argv=None) -> None:

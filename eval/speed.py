@@ -86,7 +86,7 @@ def pixel_map_worker(args) -> None:
     eager = args.variant == "eager"
     processor = load_processor(args.checkpoint)
     model = load_model(args.checkpoint, attn_implementation="eager" if eager else "sdpa",
-                       iadgpt={"compress_exemplars": False}).eval()
+                       iadgpt={"exemplar_retention": 1.0}).eval()
     inputs = bench_inputs(processor, args.shots, args.image_size)
 
     def ours():

@@ -28,6 +28,9 @@ def _field_names(cls) -> list[str]:
 
 
 def _unknown_key(cls, key: str, where: str) -> ConfigError:
+    renamed = getattr(cls, "RENAMED_KEYS", {}).get(key)
+    if renamed:
+        return ConfigError(f"{where}: {key!r} is now {renamed!r}")
     names = _field_names(cls)
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; known keys: {names}"
@@ -116,8 +119,10 @@ def _schema_dict(schema, value: Any, where: str) -> dict[str, Any]:
     for key, item in value.items():
         if key not in _field_names(schema):
             raise _unknown_key(schema, key, where)
-        item = _convert(item, hints[key], f"{where}.{key}")
-        typed[key] = dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
+        if dataclasses.is_dataclass(hints[key]):  # a group stays partial too, to be merged key by key
+            typed[key] = _schema_dict(hints[key], item, f"{where}.{key}")
+        else:
+            typed[key] = _convert(item, hints[key], f"{where}.{key}")
     return typed
 
 

@@ -27,7 +27,7 @@ class InspectionResult:
 
     score: float
     """Probability that the query is defective: softmax over the "Yes"/"No" answer logits (with the
-    setting `image_score_map_weight`, fused with the anomaly map's maximum)."""
+    setting `residuals.image_score_map_weight`, fused with the anomaly map's maximum)."""
     anomaly_map: np.ndarray
     """[H, W] float32 in [0, 1] at the query's own resolution: p(anomalous) per pixel."""
     token_map: np.ndarray

@@ -4,16 +4,16 @@ For a checkpoint (default: a fresh random `small` model), draws held-out synthet
 normal references and normal / local-defect / in-context-only queries, encodes them with the
 model's vision tower, and scores each query by the largest residual distance over its tokens
 (`iadgpt.model.residuals`: token-level, and patch-level max over each token's patches), the map by
-those distances. This is the signal the language model receives from `in_context_residuals`; the
+those distances. This is the signal the language model receives from `residuals.tokens`; the
 trained model's AUROC can be compared against it (docs/experiments/2026-12-01-quickstart-experiments.md section 10).
-`--exemplar-shifts 3` adds the exemplars' half-patch-shifted patches to the patch bank (the setting
-`exemplar_shifts`, section 14); the nearest-patch baseline is scored on the same images. Each
+`--shifted-exemplars` adds the exemplars' half-patch-shifted patches to the patch bank (the setting
+`residuals.shifted_exemplars`); the nearest-patch baseline is scored on the same images. Each
 category gets 6 normal, one of each of the factory's local defect types and 3 in-context-only
 queries (the figures of sections 10 and 14 were measured with 6 local queries of the first four
 types, before cutpaste, scar and texture_blend existed).
 
     python research/residual_signal.py                          # random small model, 18 categories, k = 2
-    python research/residual_signal.py --model runs/quickstart/runs/stage3 --exemplar-shifts 3
+    python research/residual_signal.py --model runs/quickstart/runs/stage3 --shifted-exemplars
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--categories", type=int, default=18, help="held-out categories (from index 10000)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="factory seed (the quickstart's --seed)")
-    parser.add_argument("--exemplar-shifts", type=int, default=0, choices=(0, 3, 8),
+    parser.add_argument("--shifted-exemplars", action="store_true",
                         help="half-patch-shifted copies of each reference in the patch bank")
     return parser.parse_args()
 
@@ -49,12 +49,12 @@ def parse_args() -> argparse.Namespace:
 def encode(model, processor, images, references: int = 0):
     """Per image: its visual tokens `[n, d]` and their patches `[n, unit, C]`; the token grid; and
     for the first `references` images the patches of their shifted copies, as the model's patch bank
-    gets them (`encode_shifted_copies`; none when the model has no `exemplar_shifts`)."""
+    gets them (`encode_shifted_copies`; none without `residuals.shifted_exemplars`)."""
     inputs = processor.image_processor(images=[Image.fromarray(x) for x in images], return_tensors="pt")
     with torch.no_grad():
         encoded = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
     shifted = []
-    if model.iadgpt.exemplar_shifts:
+    if model.iadgpt.residuals.shifted_exemplars:
         shifted, _ = model.encode_shifted_copies(encoded.pixels_per_image[:references])
     _, h, w = inputs["image_grid_thw"][0].tolist()
     merge = model.config.vision_config.spatial_merge_size
@@ -67,7 +67,7 @@ def main() -> None:
     path = args.model or str(init_model(tempfile.mkdtemp() + "/random_small", "small", seed=0))
     # The encoder output carries each token's patches only with the residuals on.
     model = load_model(path, dtype=torch.float32,
-                       iadgpt={"in_context_residuals": True, "exemplar_shifts": args.exemplar_shifts}).eval()
+                       iadgpt={"residuals": {"tokens": True, "shifted_exemplars": args.shifted_exemplars}}).eval()
     processor = load_processor(path)
     rng = np.random.default_rng(args.seed)
     baseline = NearestPatchBaseline(size=args.size)
@@ -108,7 +108,7 @@ def main() -> None:
     categories = np.array([r[0] for r in rows])
     kinds = np.array([r[1] for r in rows])
     result = {"k": args.k, "categories": args.categories, "model": args.model or "random small",
-              "exemplar_shifts": args.exemplar_shifts}
+              "shifted_exemplars": args.shifted_exemplars}
     for name, values in scores.items():
         s = np.array(values)
         for kind in ("local", "in_context"):

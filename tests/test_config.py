@@ -61,15 +61,15 @@ def test_settings_out_of_range_are_refused_by_name(overrides, message):
 
 
 def test_iadgpt_settings_are_overridden_by_key_and_typed(tmp_path):
+    """Groups stay partial (they are merged key by key into the model's settings when it loads)."""
     path = tmp_path / "stage.yaml"
-    path.write_text("iadgpt:\n  exemplar_retention: 0.2\n  compress_exemplars: true\n")
+    path.write_text("iadgpt:\n  exemplar_retention: 0.2\n  residuals:\n    tokens: true\n")
     cfg = load_config(TrainConfig, path, ["iadgpt.exemplar_retention=0.5", "iadgpt.pixel_loss_weight=1e-3",
-                                          "iadgpt.compress_exemplars=false", "iadgpt.vision_fusion_layers=[2, 4]",
+                                          "iadgpt.residuals.scores=true", "iadgpt.vision_fusion_layers=[2, 4]",
                                           "iadgpt.detection_question.defect_answer=No"])
-    assert cfg.iadgpt == {"exemplar_retention": 0.5, "compress_exemplars": False, "pixel_loss_weight": 1e-3,
-                          "vision_fusion_layers": [2, 4],
-                          "detection_question": {"text": "Is there any defect or anomaly in the query image? "
-                                                         "Answer Yes or No.", "defect_answer": "No"}}
+    assert cfg.iadgpt == {"exemplar_retention": 0.5, "residuals": {"tokens": True, "scores": True},
+                          "pixel_loss_weight": 1e-3, "vision_fusion_layers": [2, 4],
+                          "detection_question": {"defect_answer": "No"}}
     assert isinstance(cfg.iadgpt["pixel_loss_weight"], float)
 
 
@@ -78,7 +78,11 @@ def test_iadgpt_settings_are_overridden_by_key_and_typed(tmp_path):
      r"override iadgpt.exemplar_retentoin: unknown key 'exemplar_retentoin'; did you mean 'exemplar_retention'"),
     ([], "iadgpt:\n  pixel_los_weight: 2\n",
      r"stage.yaml.iadgpt: unknown key 'pixel_los_weight'; did you mean 'pixel_loss_weight'"),
-    (["iadgpt.compress_exemplars=maybe"], "", r"iadgpt.compress_exemplars: expected true or false, got 'maybe'"),
+    (["iadgpt.residuals.tokens=maybe"], "", r"iadgpt.residuals.tokens: expected true or false, got 'maybe'"),
+    (["iadgpt.residuals.tokns=true"], "", r"override iadgpt.residuals.tokns: unknown key 'tokns'; did you mean 'tokens'"),
+    ([], "iadgpt:\n  in_context_residuals: true\n", r"stage.yaml.iadgpt: 'in_context_residuals' is now 'residuals.tokens'"),
+    (["iadgpt.compress_exemplars=false"], "",
+     r"override iadgpt.compress_exemplars: 'compress_exemplars' is now 'exemplar_retention \(1.0 keeps every"),
     (["iadgpt.exemplar_retention.x=1"], "", "'exemplar_retention' has no sub-keys"),
 ])
 def test_unknown_or_mistyped_iadgpt_settings_are_refused(tmp_path, overrides, yaml_text, message):

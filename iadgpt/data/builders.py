@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -336,6 +337,11 @@ class Stage3Options:
     """Share of defective queries asked to describe the defect (answered with its caption)."""
     abnormal_references: int = 0
     """Defective examples of the same product shown after the normals (NAGL-style); 0: none."""
+    synthetic_fraction: float = 0.0
+    """Share of defective queries made from a normal image by synthesis (CutPaste / scar / texture
+    blend, with its mask), as stage 2 makes them. A product without real anomalies then gets
+    synthetic defective queries only, so a folder of normal images alone makes stage-3 records.
+    0 (the paper): real anomalies only."""
     question: DetectionQuestion = field(default_factory=DetectionQuestion)
     """The detection question (the model's, so training matches inference)."""
     resize: tasks.ResizeRule = field(default_factory=tasks.ResizeRule)
@@ -343,11 +349,21 @@ class Stage3Options:
 
 
 def stage3_records(pools: list[CategoryPool], options: Stage3Options, seed: int,
-                   captions: dict[Path, str] | None = None) -> Iterator[TrainingRecord]:
+                   captions: dict[Path, str] | None = None,
+                   synth: SyntheticDefects | None = None) -> Iterator[TrainingRecord]:
+    """Few-shot records. With `options.synthetic_fraction` > 0, `synth` makes the synthetic
+    defective queries; their records name the root 'stage' (`stage_roots`), which reaches both the
+    source's normals and the synthetic folder."""
+    if not 0.0 <= options.synthetic_fraction <= 1.0:
+        raise ValueError(f"synthetic fraction {options.synthetic_fraction} is outside [0, 1]")
+    synthesise = options.synthetic_fraction > 0
+    if synthesise and synth is None:
+        raise ValueError("a synthetic fraction above 0 needs a SyntheticDefects folder to write the defects to")
     need = max(options.shots) + 1
-    usable = [p for p in pools if len(p.train_normals) + len(p.test_normals) >= need and p.anomalies]
+    usable = [p for p in pools if len(p.train_normals) + len(p.test_normals) >= need and (p.anomalies or synthesise)]
     if not usable:
-        raise DataError(f"stage 3 needs categories with at least {need} normal images and some anomalies with masks")
+        raise DataError(f"stage 3 needs categories with at least {need} normal images and some anomalies with masks"
+                        + ("" if synthesise else " (or --synthetic-fraction above 0 to make defects from normals)"))
     captions = captions or {}
     for index in range(options.records):
         rng = record_rng(seed, 3, index)
@@ -355,33 +371,47 @@ def stage3_records(pools: list[CategoryPool], options: Stage3Options, seed: int,
         src = pool.source
         shots = options.shots[index % len(options.shots)]
         defective = rng.random() < options.anomalous_fraction
+        # drawn only when there is a choice, so records without synthesis stay those of earlier releases
+        synthetic = defective and synthesise and (not pool.anomalies or rng.random() < options.synthetic_fraction)
         normals_pool = pool.train_normals + pool.test_normals
-        query = pick(rng, pool.anomalies)[0] if defective else pick(rng, normals_pool)[0]
+        query = pick(rng, pool.anomalies)[0] if defective and not synthetic else pick(rng, normals_pool)[0]
         # train normals when there are k besides the query, else the whole normal pool
         train_choices = sum(1 for s in pool.train_normals if s is not query)
         exemplars = pick(rng, pool.train_normals if train_choices >= shots else normals_pool, shots, exclude=query)
         abnormal = [a for a in pool.anomalies if a is not query][: options.abnormal_references]
-        images = [src.relative(s.image_path) for s in [*exemplars, *abnormal, query]]
+        rid = f"s3-{index:08d}"
+        root, images = src.name, [src.relative(s.image_path) for s in [*exemplars, *abnormal, query]]
+        if synthetic:  # the query becomes a defect made on that normal
+            image_rel, mask_rel, kind = synth.make(rid, query, rng)
+            root = "stage"
+            images = [f"sources/{src.name}/{path}" for path in images[:-1]] + [f"synthetic/{image_rel}"]
+            mask, mask_file, image_file = f"synthetic/{mask_rel}", synth.folder / mask_rel, synth.folder / image_rel
+        elif defective:
+            kind, mask, mask_file, image_file = (query.defect_type, src.relative(query.mask_path), query.mask_path,
+                                                 query.image_path)
+        else:
+            kind, mask = query.defect_type, None
         roles = ["exemplar"] * shots + ["other"] * len(abnormal) + ["query"]
-        task, kind = "detection", query.defect_type
+        task = "detection"
         roll = rng.random()
         if defective and roll < options.localization_fraction and not abnormal:
             task = "localization"
-            with Image.open(query.image_path) as im:
+            with Image.open(image_file) as im:
                 size = im.size
-            boxes = tasks.mask_boxes(load_mask(query.mask_path, size), options.resize, tasks.readable(kind))
+            boxes = tasks.mask_boxes(load_mask(mask_file, size), options.resize, tasks.readable(kind))
             messages = tasks.localization_messages(shots, boxes)
         elif defective and roll < options.localization_fraction + options.reasoning_fraction and not abnormal \
-                and Path(query.image_path).resolve() in captions:
+                and not synthetic and Path(query.image_path).resolve() in captions:
             task = "reasoning"
             messages = tasks.reasoning_messages(shots, captions[Path(query.image_path).resolve()])
         else:
             messages = tasks.detection_messages(shots, defective, kind, options.question, len(abnormal))
         yield TrainingRecord(
-            id=f"s3-{index:08d}", task=task, root=src.name, images=images, image_roles=roles, messages=messages,
-            mask=src.relative(query.mask_path) if defective and task != "reasoning" else None,
+            id=rid, task=task, root=root, images=images, image_roles=roles, messages=messages,
+            mask=mask if task != "reasoning" else None,
             label=int(defective), category=pool.category, source=pool.key,
-            meta={"defect": kind, "shots": shots})
+            meta={"defect": kind, "shots": shots,
+                  **({"synthetic_from": f"sources/{src.name}/{src.relative(query.image_path)}"} if synthetic else {})})
 
 
 def instruction_records(conversations: Iterable, image_root: Path, pools: list[CategoryPool],
@@ -469,7 +499,8 @@ def write_stage(out: Path, stage: int, roots: dict[str, str], records: Iterable[
 
 
 def stage_roots(out: Path, sources: Sequence[DatasetSource]) -> dict[str, str]:
-    """Roots of a stage-2 folder: each source, its synthetic defects, and 'stage' for mixed records.
+    """Roots of a stage folder with synthetic defects (stage 2; stage 3 with a synthetic fraction): each
+    source, its synthetic defects, and 'stage' for mixed records.
 
     Mixed records (a source image beside a synthetic one) address both from `<out>`: the synthetic
     folder is `<out>/synthetic` and each source is linked as `<out>/sources/<name>`.
@@ -486,6 +517,16 @@ def stage_roots(out: Path, sources: Sequence[DatasetSource]) -> dict[str, str]:
 
 
 # -- what the stage-2 and stage-3 recipes share --------------------------------------------------
+def run_builder(build: Callable[[list[str] | None], None], name: str, argv: list[str] | None = None) -> None:
+    """Run a builder recipe's `build(argv)`. Bad input (DataError, ValueError) ends it with one line that
+    starts with the recipe's `name`, without a traceback; the shards already written stay, and a rerun
+    resumes after them."""
+    try:
+        build(argv)
+    except (DataError, ValueError) as err:
+        sys.exit(f"{name}: {err}")
+
+
 def add_dataset_arguments(parser, replay_ratio: float) -> None:
     """The command-line options every dataset-based builder takes."""
     parser.add_argument("--dataset", action="append", required=True, metavar="[NAME=]KIND:ROOT",

@@ -436,7 +436,7 @@ class ScoreCache:
 
     A line: {"query": key, "category", "run": fingerprint, "file": the query's `file_stamp`, "score",
     "width", "height", "token_map": [[...]]}. The token map (the model's own grid, e.g. 18 x 18 for a 504-px query, or
-    36 x 36 per vision patch with `residual_scores`) is all the evaluation needs to rebuild the map
+    36 x 36 per vision patch with `residuals.scores`) is all the evaluation needs to rebuild the map
     at any resolution, so lines stay small and a run keeps no other state. Plain JSON: nothing executable is ever loaded back.
     """
 

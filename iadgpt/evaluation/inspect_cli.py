@@ -4,7 +4,7 @@
 
 Writes `OUT/scores.csv` (path, score, label at the threshold, overlay file) and one heatmap overlay
 PNG per query in `OUT/overlays/`. The score is the model's probability that the query is defective
-(with the setting `image_score_map_weight`, fused with the map's maximum in logit space), so 0.5 is
+(with the setting `residuals.image_score_map_weight`, fused with the map's maximum in logit space), so 0.5 is
 the neutral threshold; a line that wants fewer escapes lowers it. The overlay shows the
 model's per-pixel probability as is (no per-image stretching, which would paint every defect-free
 part red somewhere). Rows are written as each batch finishes, so an interrupted run keeps what it

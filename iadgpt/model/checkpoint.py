@@ -467,9 +467,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto
         kwargs.setdefault("device_map", device)
     config = Qwen2_5_VLConfig.from_pretrained(name_or_path)
     if iadgpt:
-        merged = dict(getattr(config, "iadgpt", None) or {})
-        merged.update(iadgpt)
-        config.iadgpt = IADGPTSettings.from_dict(merged).to_dict()
+        config.iadgpt = IADGPTSettings.from_dict(getattr(config, "iadgpt", None), iadgpt).to_dict()
     model = IADGPTForConditionalGeneration.from_pretrained(
         name_or_path, config=config, dtype=dtype,
         attn_implementation=attention_implementation(attn_implementation, device), **kwargs)

@@ -22,7 +22,7 @@ def tokens_to_keep(num_tokens: int, retention: float) -> int:
 
 def exemplar_token_count(per_image: int, exemplars: int, retention: float | None) -> int:
     """Visual tokens `exemplars` images of `per_image` tokens each put before the language model: the
-    first (the reference) keeps all of its tokens, every other `tokens_to_keep`; None: no compression."""
+    first (the reference) keeps all of its tokens, every other `tokens_to_keep`; None or 1.0: no compression."""
     if retention is None or exemplars == 0:
         return exemplars * per_image
     return per_image + (exemplars - 1) * tokens_to_keep(per_image, retention)
@@ -42,7 +42,7 @@ def compress_exemplar_tokens(exemplar_tokens: list[torch.Tensor], retention: flo
     if not exemplar_tokens:
         raise ValueError(
             "Exemplar compression needs at least one normal exemplar image before the query image; "
-            "got none. Pass exemplars, or turn compression off (compress_exemplars=False)."
+            "got none. Pass exemplars, or turn compression off (exemplar_retention=1.0)."
         )
     reference = F.normalize(exemplar_tokens[0].float(), dim=-1)
     keep = [torch.ones(exemplar_tokens[0].shape[0], dtype=torch.bool, device=reference.device)]

@@ -16,7 +16,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from .attention_maps import REQUEST_KWARG, AttentionMapRecorder, AttentionMapRequest, padded_positions
 from .compression import compress_exemplar_tokens
@@ -24,8 +24,7 @@ from .fusion import VisualLayerFusion
 from .losses import pixel_losses
 from .residuals import (
     DISTANCE_FEATURES,
-    EXEMPLAR_SHIFTS,
-    QUERY_SHIFTS,
+    HALF_PATCH_SHIFTS,
     InContextResidual,
     ResidualEvidence,
     lattice_evidence,
@@ -52,9 +51,9 @@ class IADGPTOutput(CausalLMOutputWithPast):
     anomaly_maps / normal_maps: per sample, the `[h, w]` mean attention of the anomaly / normal
         words to the query image's tokens (h, w: the query's merged token grid).
     pixel_scores: per sample, `[h, w]` probability that a token is anomalous, from the two maps;
-        with the residual evidence (setting `residual_scores`) `[h * m, w * m]`, per vision patch
+        with the residual evidence (setting `residuals.scores`) `[h * m, w * m]`, per vision patch
         (m: spatial_merge_size).
-    residual_logits: `[B]` image-level residual evidence (setting `residual_scores`; 0 for samples
+    residual_logits: `[B]` image-level residual evidence (setting `residuals.scores`; 0 for samples
         without exemplars), already in the Yes/No logits where the detection question is answered
         (half to each, so `image_anomaly_score`, the score loss and generation all use it).
     kept_tokens: `[B, L]` bool, which input tokens the language model saw (None: all).
@@ -72,15 +71,61 @@ class IADGPTOutput(CausalLMOutputWithPast):
 
 
 @dataclass
+class IADGPTVisionOutput(BaseModelOutputWithPooling):
+    """The vision tower's output with what the in-context residuals need beside the merged tokens, as
+    Qwen3-VL's vision output carries its deepstack features. generate() encodes the images before the
+    prefill and hands this object back to `forward` (`mm_encoder_outputs`), so these travel with it.
+
+    patches_per_token: per image, `[tokens, unit, C]` the vision patches the merger folds into each
+        visual token (the residuals' patch bank and patch distances).
+    pixels_per_image: per image, its `pixel_values` rows and `[3]` grid, to encode it shifted by half a
+        patch (`residuals.shifted_exemplars` / `shifted_query`); None without those settings.
+    """
+
+    patches_per_token: tuple[torch.Tensor, ...] | None = None
+    pixels_per_image: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass
+class _EncodedImages:
+    """The batch's images as the language model's forward gets them."""
+
+    embeds: list[torch.Tensor] | tuple
+    """Per image, its visual tokens `[n, d]`."""
+    patches: tuple[torch.Tensor, ...] | None
+    """Per image, `[n, unit, C]` each token's vision patches (IADGPTVisionOutput), or None."""
+    pixels: list[tuple[torch.Tensor, torch.Tensor]] | None
+    """Per image, its pixels and grid, or None (IADGPTVisionOutput)."""
+    grid_thw: torch.Tensor | None
+    """`[images, 3]` their grids."""
+
+
+@dataclass
+class _Asked:
+    """What a call of `forward` asked for beyond Qwen2.5-VL's forward (see its docstring)."""
+
+    image_roles: list[int] | torch.Tensor | None
+    compress: bool
+    """Compress the exemplars (settings and call agree)."""
+    strict_compression: bool
+    """The call demanded compression: a sample without exemplars is an error."""
+    map_samples: list[bool] | None
+    """Per sample, whether its pixel map is drawn; None: no maps."""
+    pixel_masks: list | torch.Tensor | None
+    anomaly_word_mask: torch.Tensor | None
+    normal_word_mask: torch.Tensor | None
+
+
+@dataclass
 class _Evidence:
-    """The residual evidence of one forward (`residual_scores`), by global image index of the query images."""
+    """The residual evidence of one forward (`residuals.scores`), by global image index of the query images."""
 
     patch: dict[int, torch.Tensor] = field(default_factory=dict)
     """[n, unit] evidence of each query image's patches."""
     image: dict[int, torch.Tensor] = field(default_factory=dict)
     """Each query image's image evidence."""
     shifted: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    """The patch evidence of each query image's shifted copies (`query_shifts`)."""
+    """The patch evidence of each query image's shifted copies (`residuals.shifted_query`)."""
     residual_logits: torch.Tensor | None = None
     """Per sample, the image evidence of its query (0 without one); None without evidence."""
 
@@ -216,12 +261,12 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             fusion = VisualLayerFusion(settings.vision_fusion_layers, settings.fusion_init_last_weight)
             self.model.visual.layer_fusion = fusion
             fusion.attach(self.model.visual)
-        if settings.in_context_residuals:
+        if settings.residuals.tokens:
             self.in_context_residual = InContextResidual(config.text_config.hidden_size)
             # generate() encodes the images and drops image_grid_thw before the prefill, so the
             # encoder output itself carries each visual token's patches to the residuals.
-            self.model.visual.register_forward_hook(self._attach_patches_per_token, with_kwargs=True)
-        if settings.residual_scores:
+            self.model.visual.register_forward_hook(self._vision_output_with_patches, with_kwargs=True)
+        if settings.residuals.scores:
             self.residual_evidence = ResidualEvidence()
         self.attention_map_recorder = AttentionMapRecorder(
             self.model.language_model.layers, settings.attention_map_layers
@@ -231,36 +276,42 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         self.detection_prompt_end_ids: tuple[int, ...] | None = None
         self._compacted_prefix: _CompactedPrefix | None = None
 
-    def _attach_patches_per_token(self, visual, args, kwargs, output):
+    def _vision_output_with_patches(self, visual, args, kwargs, output):
+        """The vision tower's output as an IADGPTVisionOutput: each token's patches, and with the shifted
+        settings each image's pixels."""
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        if grid_thw is not None and getattr(output, "last_hidden_state", None) is not None:
-            output.patches_per_token = patches_per_token(output.last_hidden_state, grid_thw, self.config.vision_config)
-            if self.iadgpt.exemplar_shifts or self.iadgpt.query_shifts:  # the pixels, to encode them shifted
-                pixel_values = kwargs.get("hidden_states", args[0] if args else None)
-                output.pixels_per_image = list(zip(pixels_per_image(pixel_values, grid_thw), grid_thw))
-        return output
+        if grid_thw is None or not isinstance(output, BaseModelOutputWithPooling):
+            return output
+        pixels = None
+        if self.iadgpt.residuals.shifted_exemplars or self.iadgpt.residuals.shifted_query:
+            pixel_values = kwargs.get("hidden_states", args[0] if args else None)
+            pixels = list(zip(pixels_per_image(pixel_values, grid_thw), grid_thw))
+        known = {k: v for k, v in output.items() if k in IADGPTVisionOutput.__dataclass_fields__}
+        return IADGPTVisionOutput(
+            **known, patches_per_token=patches_per_token(output.last_hidden_state, grid_thw, self.config.vision_config),
+            pixels_per_image=pixels)
 
     @torch.no_grad()
     def encode_shifted_copies(self, exemplars: list[tuple[torch.Tensor, torch.Tensor]],
                               queries: list[tuple[torch.Tensor, torch.Tensor]] = ()
                               ) -> tuple[list[torch.Tensor], list[list[tuple[torch.Tensor, torch.Tensor]]]]:
         """Half-patch-shifted copies of images (their `pixel_values` rows and `[3]` grid), in one
-        vision-tower call: of the exemplars with `exemplar_shifts` (returned per exemplar as the
+        vision-tower call: of the exemplars with `residuals.shifted_exemplars` (returned per exemplar as the
         `[shifts * n, unit, C]` vision patches of all its copies, for the patch bank) and of the
-        queries with `query_shifts` (returned per query as `(tokens [n, d], patches [n, unit, C])`
-        per copy, in QUERY_SHIFTS order, for the map's half-patch lattice).
+        queries with `residuals.shifted_query` (returned per query as `(tokens [n, d], patches [n, unit, C])`
+        per copy, in HALF_PATCH_SHIFTS order, for the map's half-patch lattice).
 
         In training every forward makes this call (on a tiny blank image when there is nothing to
         shift), so every rank runs the vision tower equally often (ZeRO-3 gathers collectively).
         """
         visual = self.model.visual
         vision = self.config.vision_config
-        exemplar_shifts = EXEMPLAR_SHIFTS[self.iadgpt.exemplar_shifts] if self.iadgpt.exemplar_shifts else ()
+        exemplar_shifts = HALF_PATCH_SHIFTS if self.iadgpt.residuals.shifted_exemplars else ()
         exemplars = list(exemplars) if exemplar_shifts else []
-        queries = list(queries) if self.iadgpt.query_shifts else []
+        queries = list(queries) if self.iadgpt.residuals.shifted_query else []
         pieces = [shifted_image_pixels(torch.cat([p for p, _ in images]), torch.stack([g for _, g in images]), vision,
                                        shifts)
-                  for images, shifts in ((exemplars, exemplar_shifts), (queries, QUERY_SHIFTS)) if images]
+                  for images, shifts in ((exemplars, exemplar_shifts), (queries, HALF_PATCH_SHIFTS)) if images]
         if not pieces:
             if self.training:
                 merge = vision.spatial_merge_size
@@ -273,7 +324,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         unit = vision.spatial_merge_size ** 2
         tokens = encoded.pooler_output.split((grid_thw.prod(-1) // unit).tolist())
         copies = list(zip(tokens, encoded.patches_per_token))
-        per_exemplar, step = len(exemplar_shifts), len(QUERY_SHIFTS)
+        per_exemplar, step = len(exemplar_shifts), len(HALF_PATCH_SHIFTS)
         exemplar_copies = [torch.cat([patches for _, patches in copies[i * per_exemplar:(i + 1) * per_exemplar]])
                            for i in range(len(exemplars))]
         first_query = len(exemplars) * per_exemplar
@@ -327,10 +378,10 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     def image_anomaly_score(self, answer_logits: torch.Tensor,
                             pixel_scores: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Probability of the answer that means "defective", from the Yes/No logits (Eq. 4); with
-        `image_score_map_weight` a > 0, fused with each map's largest value m (InCTRLv2 Eq. 9):
+        `residuals.image_score_map_weight` a > 0, fused with each map's largest value m (InCTRLv2 Eq. 9):
         sigmoid((1 - a) logit(p) + a logit(m)).
 
-        `answer_logits`: `[B, V]` logits at the answer position (with `residual_scores`, they already
+        `answer_logits`: `[B, V]` logits at the answer position (with `residuals.scores`, they already
         hold the residual evidence: see `IADGPTOutput.residual_logits`). `pixel_scores`: the
         forward's `pixel_scores` (called with `pixel_maps=True`), needed when a > 0.
         """
@@ -339,11 +390,11 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         yes, no = self.yes_no_token_ids
         probs = answer_logits[:, [yes, no]].float().softmax(-1)
         answer = probs[:, 0] if self.iadgpt.detection_question.defect_answer == "Yes" else probs[:, 1]
-        weight = float(self.iadgpt.image_score_map_weight)
+        weight = float(self.iadgpt.residuals.image_score_map_weight)
         if weight == 0.0:
             return answer
         if pixel_scores is None or len(pixel_scores) != len(answer) or any(m is None for m in pixel_scores):
-            raise ValueError(f"image_score_map_weight={weight} fuses the image score with the pixel map's maximum: "
+            raise ValueError(f"residuals.image_score_map_weight={weight} fuses the image score with the pixel map's maximum: "
                              "call the model with pixel_maps=True and pass its pixel_scores, one map per sample.")
         peak = torch.stack([m.float().amax() for m in pixel_scores]).to(answer.device)
         # eps: a saturated probability (exactly 0 or 1 in float32) must not give an infinite logit.
@@ -419,8 +470,9 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
         image_roles: `[num_images]` ROLE_EXEMPLAR / ROLE_QUERY / ROLE_OTHER per image in batch order
             (default: per sample, the last image is the query and the earlier ones are exemplars).
-        compress_exemplars: None follows the settings (samples without exemplars are left alone);
-            True requires every sample with images to have exemplars; False turns it off.
+        compress_exemplars: None follows the settings (compression when `exemplar_retention` < 1; samples
+            without exemplars are left alone); True requires every sample with images to have
+            exemplars; False keeps every exemplar token for this call.
         pixel_maps: True computes the attention maps of every sample (each needs one query image
             and an anomaly word after it); default: those of the samples with a `pixel_masks` entry.
         pixel_masks: per sample an `[H, W]` 0/1 defect mask or None (no map and no pixel loss for
@@ -439,8 +491,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 attention_mask = self._compacted_prefix.decode_mask(attention_mask)
         else:
             self._compacted_prefix = None
-        compress = self.iadgpt.compress_exemplars if compress_exemplars is None else compress_exemplars
-        compress = compress and self.iadgpt.exemplar_retention < 1.0
+        compress = compress_exemplars is not False and self.iadgpt.exemplar_retention < 1.0
         if pixel_maps is None:
             map_samples = [m is not None for m in pixel_masks] if pixel_masks is not None else []
         else:
@@ -449,7 +500,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         # generate() encodes the images before the prefill and passes them as `mm_encoder_outputs`.
         encoded_images = (mm_encoder_outputs or {}).get("image")
         has_images = pixel_values is not None or encoded_images is not None
-        residuals = self.iadgpt.in_context_residuals
+        residuals = self.iadgpt.residuals.tokens
         # In training every batch takes the same path through the same modules in the same order,
         # whatever its samples (caption, odd-one-out, detection with or without a mask, text only):
         # under ZeRO-3 every module call gathers its weights collectively and every gradient is
@@ -476,7 +527,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
             raise ValueError("Exemplar compression, in-context residuals and pixel maps work on images; videos are "
                              "not supported together with them (pass compress_exemplars=False, pixel_maps=False "
-                             "and load with in_context_residuals=False).")
+                             "and load with residuals.tokens=false).")
         if want_maps and not has_images:
             raise ValueError("Pixel maps need `input_ids` and `pixel_values` (a query image).")
         unused: list[torch.Tensor] = []  # outputs of modules this batch ran only to keep the ranks in step
@@ -486,22 +537,24 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             # A batch without images runs the vision tower on the collator's dummy image (times zero).
             dummy = self.model.get_image_features(dummy_pixel_values, dummy_image_grid_thw, return_dict=True)
             unused.extend(dummy.pooler_output)
-        image_embeds = encoded_images.pooler_output if encoded_images is not None else ()
-        return self._inspect_forward(
-            input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, image_embeds,
-            getattr(encoded_images, "patches_per_token", None), getattr(encoded_images, "pixels_per_image", None),
-            image_grid_thw, mm_token_type_ids, logits_to_keep,
-            image_roles, compress, compress_exemplars is True, map_samples if want_maps else None, pixel_masks,
-            anomaly_word_mask, normal_word_mask, unused, **kwargs)
+        images = _EncodedImages(
+            embeds=encoded_images.pooler_output if encoded_images is not None else (),
+            patches=getattr(encoded_images, "patches_per_token", None),
+            pixels=getattr(encoded_images, "pixels_per_image", None), grid_thw=image_grid_thw)
+        asked = _Asked(image_roles=image_roles, compress=compress, strict_compression=compress_exemplars is True,
+                       map_samples=map_samples if want_maps else None, pixel_masks=pixel_masks,
+                       anomaly_word_mask=anomaly_word_mask, normal_word_mask=normal_word_mask)
+        return self._inspect_forward(input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
+                                     mm_token_type_ids, logits_to_keep, images, asked, unused, **kwargs)
 
     def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
-                         image_embeds, image_patches, image_pixels, image_grid_thw, mm_token_type_ids, logits_to_keep,
-                         image_roles, compress, strict_compression, map_samples, pixel_masks, anomaly_word_mask,
-                         normal_word_mask, unused: list[torch.Tensor], **kwargs):
+                         mm_token_type_ids, logits_to_keep, images: _EncodedImages, asked: _Asked,
+                         unused: list[torch.Tensor], **kwargs):
         """The forward of `forward`'s docstring with the images already encoded. `unused` collects outputs
         of modules that ran only so that every rank runs the same ones (training): they join the loss
         times zero, so their backward runs too."""
         cfg = self.config
+        image_embeds, image_grid_thw, map_samples = images.embeds, images.grid_thw, asked.map_samples
         want_maps = map_samples is not None
         batch, length = input_ids.shape
         if attention_mask is None:
@@ -512,14 +565,14 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         counts = [len(s) for s in spans]
         if sum(counts) != len(image_embeds):
             raise ValueError(f"The prompts hold {sum(counts)} images but {len(image_embeds)} were encoded.")
-        roles = default_image_roles(counts) if image_roles is None else [int(r) for r in image_roles]
+        roles = default_image_roles(counts) if asked.image_roles is None else [int(r) for r in asked.image_roles]
         if len(roles) != len(image_embeds):
             raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
         evidence = _Evidence()
-        if self.iadgpt.in_context_residuals:
+        if self.iadgpt.residuals.tokens:
             image_embeds, distances, shifted_distances = self._add_in_context_residuals(
-                list(image_embeds), counts, roles, image_patches, image_pixels, map_samples, unused)
-            if self.iadgpt.residual_scores:
+                list(image_embeds), counts, roles, images.patches, images.pixels, map_samples, unused)
+            if self.iadgpt.residuals.scores:
                 evidence = self._residual_evidence(distances, shifted_distances, batch, unused)
 
         # 2. Embed the text and scatter the images into it, exactly as Qwen2.5-VL does.
@@ -531,15 +584,15 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                                  bool(len(image_embeds)))
 
         # 4. Which tokens the language model keeps (compression), where the query image sits (maps).
-        layout = self._token_layout(input_ids, spans, roles, image_embeds, image_grid_thw, compress,
-                                    strict_compression, map_samples, evidence)
+        layout = self._token_layout(input_ids, spans, roles, image_embeds, image_grid_thw, asked.compress,
+                                    asked.strict_compression, map_samples, evidence)
         residual_logits = evidence.residual_logits
 
         # 5. Word rows for the pixel maps: prompt words after the query image (they can attend to it).
         rows = (None, None)
         if want_maps:
-            rows = self._word_rows(input_ids, labels, layout.query_end, anomaly_word_mask, normal_word_mask,
-                                   map_samples)
+            rows = self._word_rows(input_ids, labels, layout.query_end, asked.anomaly_word_mask,
+                                   asked.normal_word_mask, map_samples)
 
         # 6. Run the language model on the kept tokens only, the map layers recording the word rows.
         embeds, positions, attn, lab, query_mask, rows = self._compact(
@@ -573,7 +626,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             result.score_loss = self.answer_score_loss(logits, lab)
             result.loss = result.loss + self.iadgpt.score_loss_weight * result.score_loss
         if want_maps:
-            self._attach_maps(result, request, layout.query_grid, pixel_masks, layout.map_evidence)
+            self._attach_maps(result, request, layout.query_grid, asked.pixel_masks, layout.map_evidence)
         if evidence.patch and result.loss is not None:
             # Evidence a loss did not use (no map, or no score loss) still joins the graph: DDP and
             # ZeRO expect every parameter of a forward to get a gradient.
@@ -663,7 +716,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return layout
 
     def _residual_evidence(self, distances, shifted_distances, batch: int, unused: list) -> "_Evidence":
-        """The residual evidence (`residual_scores`) of the query images with exemplars and of their
+        """The residual evidence (`residuals.scores`) of the query images with exemplars and of their
         shifted copies, in one call (see ResidualEvidence). Without such a query, training still runs
         the module on nothing, so that every rank runs it."""
         if distances:
@@ -673,7 +726,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             return _Evidence(
                 patch=dict(zip(distances, per_patch)),
                 image=dict(zip(distances, per_image)),  # the copies' image evidence is not used
-                shifted={g: [next(copy_evidence) for _ in QUERY_SHIFTS] for g in shifted_distances},
+                shifted={g: [next(copy_evidence) for _ in HALF_PATCH_SHIFTS] for g in shifted_distances},
                 residual_logits=per_image.new_zeros(batch))  # per sample: filled in by _token_layout
         if self.training:
             nothing = self.residual_evidence.image_weight.new_zeros(1, len(DISTANCE_FEATURES))
@@ -707,14 +760,14 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     def _evidence_map(self, evidence: torch.Tensor, shifted: list[torch.Tensor] | None, height: int,
                       width: int) -> torch.Tensor:
         """The map's residual evidence from a query's `[n, unit]` per-patch evidence: on its patch grid
-        `[height * m, width * m]`, or with its shifted copies' (`query_shifts`) on the half-patch
+        `[height * m, width * m]`, or with its shifted copies' (`residuals.shifted_query`) on the half-patch
         lattice `[2 height m, 2 width m]`."""
         merge = self.config.vision_config.spatial_merge_size
         grid = patch_grid(evidence.float(), height, width, merge)
         if shifted is None:
             return grid
         grids = {(0, 0): grid}
-        grids.update({shift: patch_grid(copy.float(), height, width, merge) for shift, copy in zip(QUERY_SHIFTS, shifted)})
+        grids.update({shift: patch_grid(copy.float(), height, width, merge) for shift, copy in zip(HALF_PATCH_SHIFTS, shifted)})
         return lattice_evidence(grids)
 
     def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
@@ -722,13 +775,13 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                   image_pixels: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                                   map_samples: list[bool] | None = None, unused: list[torch.Tensor] | None = None):
         """Each query image's tokens plus their residual embeddings against all exemplar tokens and
-        patches of its sample (`iadgpt.model.residuals`; with `exemplar_shifts`, the patch bank also
+        patches of its sample (`iadgpt.model.residuals`; with `residuals.shifted_exemplars`, the patch bank also
         holds the exemplars' shifted patches); samples without exemplars are left as they are.
 
         Returns (the image embeddings; by query image index, the `[n, 3]` distances and `[n, unit]`
-        patch distances of each query image that had exemplars; with `query_shifts`, by the index of
+        patch distances of each query image that had exemplars; with `residuals.shifted_query`, by the index of
         each such query whose sample's map is drawn (`map_samples`), the same for its shifted copies,
-        in QUERY_SHIFTS order). In training, a batch without such a query runs the residual module on
+        in HALF_PATCH_SHIFTS order). In training, a batch without such a query runs the residual module on
         nothing and puts its output in `unused` (see `_inspect_forward`).
         """
         starts = [sum(counts[:i]) for i in range(len(counts))]
@@ -737,14 +790,14 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 if any(roles[g] == ROLE_EXEMPLAR for g in m) and any(roles[g] == ROLE_QUERY for g in m)]
         exemplar_copies: dict[int, torch.Tensor] = {}
         query_copies: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        if self.iadgpt.exemplar_shifts or self.iadgpt.query_shifts:
+        if self.iadgpt.residuals.shifted_exemplars or self.iadgpt.residuals.shifted_query:
             exemplars = [g for b in used for g in samples[b] if roles[g] == ROLE_EXEMPLAR]
-            exemplars = exemplars if self.iadgpt.exemplar_shifts else []
+            exemplars = exemplars if self.iadgpt.residuals.shifted_exemplars else []
             queries = [g for b in used if map_samples is not None and map_samples[b]
-                       for g in samples[b] if roles[g] == ROLE_QUERY] if self.iadgpt.query_shifts else []
+                       for g in samples[b] if roles[g] == ROLE_QUERY] if self.iadgpt.residuals.shifted_query else []
             if (exemplars or queries) and (image_pixels is None or len(image_pixels) != len(image_embeds)):
-                raise ValueError("exemplar_shifts / query_shifts need the images' pixels, which this model's image "
-                                 "encoder adds to its output (`pixels_per_image`): pass pixel_values, or "
+                raise ValueError("residuals.shifted_exemplars / shifted_query need the images' pixels, which this "
+                                 "model's image encoder adds to its output (`pixels_per_image`): pass pixel_values, or "
                                  "mm_encoder_outputs straight from model.get_image_features(..., return_dict=True) "
                                  "of these images.")
             shifted_exemplars, shifted_queries = self.encode_shifted_copies([image_pixels[g] for g in exemplars],
@@ -853,7 +906,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             if evidence[b] is not None:  # residual evidence, in logit space, per patch or half-patch cell
                 cells = evidence[b].shape[0] // h
                 fine = scores.repeat_interleave(cells, 0).repeat_interleave(cells, 1)
-                scores = torch.sigmoid(self.iadgpt.map_attention_weight * torch.logit(fine, eps=1e-6) + evidence[b])
+                scores = torch.sigmoid(float(self.iadgpt.residuals.map_attention) * torch.logit(fine, eps=1e-6) + evidence[b])
             result.pixel_scores.append(scores)
         if pixel_masks is None:
             return

@@ -19,8 +19,8 @@ linear in the distances) can single out for the Yes/No answer and for the anomal
 
 The patches sit on a fixed grid, so a product at another offset modulo the patch size straddles its
 nearest exemplar patches; `shifted_image_pixels` moves the exemplars by half a patch so their
-shifted patches can join the bank (setting `exemplar_shifts`), as PatchCore's overlapping windows do.
-For the pixel map, the query itself can be encoded moved by half a patch (setting `query_shifts`):
+shifted patches can join the bank (setting `residuals.shifted_exemplars`), as PatchCore's overlapping windows do.
+For the pixel map, the query itself can be encoded moved by half a patch (setting `residuals.shifted_query`):
 `lattice_evidence` then scores each half-patch cell from the four overlapping patches that cover it.
 """
 
@@ -105,11 +105,10 @@ def residual_features(query_tokens: torch.Tensor, exemplar_tokens: torch.Tensor,
     return query_tokens - nearest, distances, patch_distance
 
 
-EXEMPLAR_SHIFTS = {
-    3: ((0, 1), (1, 0), (1, 1)),
-    8: ((0, 1), (1, 0), (1, 1), (0, -1), (-1, 0), (-1, -1), (1, -1), (-1, 1)),
-}
-"""Half-patch shifts (rows, columns) of the exemplars whose patches join the bank (`exemplar_shifts`)."""
+HALF_PATCH_SHIFTS = ((0, 1), (1, 0), (1, 1))
+"""Half-patch shifts (rows, columns) of the copies of an image encoded moved: of the exemplars whose
+patches join the bank (setting `residuals.shifted_exemplars`), and of a query whose map is drawn on the
+half-patch lattice (`residuals.shifted_query`)."""
 
 
 def shifted_image_pixels(pixel_values: torch.Tensor, grid_thw: torch.Tensor, vision_config,
@@ -146,10 +145,6 @@ def shifted_image_pixels(pixel_values: torch.Tensor, grid_thw: torch.Tensor, vis
                           .permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * h * w, -1))
             grids.append((t, h, w))
     return torch.cat(copies), torch.tensor(grids, dtype=grid_thw.dtype, device=grid_thw.device)
-
-
-QUERY_SHIFTS = EXEMPLAR_SHIFTS[3]
-"""Half-patch shifts (rows, columns) of a query whose map is drawn on the half-patch lattice (`query_shifts`)."""
 
 
 def lattice_evidence(evidence_by_shift: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
@@ -206,7 +201,7 @@ class InContextResidual(nn.Module):
 
 class ResidualEvidence(nn.Module):
     """Learned anomaly evidence from the residual distances, added to the model's own scores in
-    logit space (setting `residual_scores`):
+    logit space (setting `residuals.scores`):
 
         image: r = max_t(d_t) . w_max + mean_t(d_t) . w_mean + b   (over the query's tokens t)
         patch: r_p = (d_p, d_t[token], d_t[patch_mean]) . v + c      (p one of token t's patches)

@@ -81,7 +81,7 @@ def make_plan(args: argparse.Namespace, suggest: bool = True) -> Plan:
     config_path = args.config or REPO_CONFIGS / f"stage{args.stage}.yaml"
     cfg = load_config(TrainConfig, config_path)
     config, name, pixels = load_model_config(args.model)
-    settings = IADGPTSettings.from_dict({**(getattr(config, "iadgpt", None) or {}), **cfg.iadgpt})
+    settings = IADGPTSettings.from_dict(getattr(config, "iadgpt", None), cfg.iadgpt)
     retention = settings.exemplar_retention if args.retention is None else args.retention
     if not 0 < retention <= 1:
         raise PlanError(f"--retention {retention}: the fraction of exemplar tokens kept is in (0, 1]")
@@ -96,7 +96,7 @@ def make_plan(args: argparse.Namespace, suggest: bool = True) -> Plan:
         raise PlanError(f"--max-pixels {max_pixels}: {err}") from err
     image_size = args.image_size if args.max_pixels is None else math.isqrt(max_pixels)
     sample, tokens = stage_sample(shape, args.stage, args.shots, image_size, min_pixels, max_pixels, retention,
-                                  settings.compress_exemplars, args.text_tokens)
+                                  args.text_tokens)
     if args.records is not None and args.records < 1:
         raise PlanError(f"--records {args.records}: a stage has at least one record")
     lora = replace(cfg.lora, enabled=True) if args.lora else cfg.lora

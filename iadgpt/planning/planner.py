@@ -210,16 +210,16 @@ def image_patches(shape: ModelShape, height: int, width: int, min_pixels: int, m
 
 
 def stage_sample(shape: ModelShape, stage: int, shots: int, image_size: int, min_pixels: int, max_pixels: int,
-                 retention: float, compress: bool, text_tokens: int | None = None) -> tuple[SampleShape, dict]:
-    """The largest sample of a stage (stage 3: `shots` exemplars + the query) and its token counts."""
+                 retention: float, text_tokens: int | None = None) -> tuple[SampleShape, dict]:
+    """The largest sample of a stage (stage 3: `shots` exemplars + the query) and its token counts
+    (`retention` 1.0: exemplars uncompressed)."""
     patches = image_patches(shape, image_size, image_size, min_pixels, max_pixels)
     per_image = patches // shape.merge_size ** 2
     images = {1: 1, 2: STAGE2_IMAGES, 3: shots + 1}[stage]
     text = TEXT_TOKENS[stage] if text_tokens is None else text_tokens
     exemplars = images - 1 if stage == 3 else 0
     compressed_exemplars = exemplar_token_count(per_image, exemplars, retention)
-    exemplar_tokens = compressed_exemplars if compress else exemplars * per_image
-    llm_tokens = text + (images - exemplars) * per_image + exemplar_tokens
+    llm_tokens = text + (images - exemplars) * per_image + compressed_exemplars
     tokens = {"text": text, "visual_per_image": per_image, "images": images,
               "exemplars_uncompressed": exemplars * per_image, "exemplars_compressed": compressed_exemplars,
               "total": llm_tokens, "total_uncompressed": text + images * per_image}

@@ -7,12 +7,13 @@ Which parts of IADGPT matter, measured on the quickstart's own held-out categori
   without stage 1, without stage 2, without multi-layer vision fusion (the last vision block
   only), with the attention map from the last LLM layer only, without the pixel loss, without
   the in-context residuals (`iadgpt.model.residuals`, beyond the paper), with the residuals
-  given to the language model only (not added to the scores: setting `residual_scores`),
-  without the half-patch-shifted exemplars in the residuals' patch bank (`exemplar_shifts`), with
-  the map's evidence on the patch grid instead of the half-patch lattice (`query_shifts`), and with
-  the attention map added to the evidence in the map (`map_attention_weight` 1), and with the vision
-  encoder trained in stages 1 and 2 as well (the quickstart's `frozen_vision_stages`);
-* the image score from the Yes/No answer alone (`image_score_map_weight` 0, the paper's score): the
+  given to the language model only (not added to the scores: setting `residuals.scores`),
+  without the half-patch-shifted exemplars in the residuals' patch bank (`residuals.shifted_exemplars`),
+  with the map's evidence on the patch grid instead of the half-patch lattice
+  (`residuals.shifted_query`), and with the attention map added to the evidence in the map
+  (`residuals.map_attention`), and with the vision encoder trained in stages 1 and 2 as well (the
+  quickstart's `frozen_vision_stages`);
+* the image score from the Yes/No answer alone (`residuals.image_score_map_weight` 0, the paper's score): the
   quickstart's model evaluated without fusing its score with the map's maximum (inference only);
 * exemplar retention 100 / 40 / 20 / 10 / 5 %: the quickstart's model evaluated with that share of
   each non-reference exemplar's visual tokens kept (inference only; it was trained at 20 %).
@@ -38,21 +39,21 @@ TRAINED_VARIANTS: dict[str, tuple[str, dict]] = {
     "last_layer_map": ("attention map from the last LLM layer only", {"iadgpt": {"attention_map_layers": "last"}}),
     "no_pixel_loss": ("without the focal + Dice pixel loss", {"iadgpt": {"pixel_loss_weight": 0.0}}),
     "no_residuals": ("without the in-context residuals (and their evidence and shifted exemplars)",
-                     {"iadgpt": {"in_context_residuals": False, "residual_scores": False, "exemplar_shifts": 0,
-                                 "query_shifts": 0}}),
+                     {"iadgpt": {"residuals": {"tokens": False, "scores": False, "shifted_exemplars": False,
+                                               "shifted_query": False}}}),
     "no_residual_scores": ("residuals for the language model only, not in the scores or the map",
-                           {"iadgpt": {"residual_scores": False, "query_shifts": 0}}),
+                           {"iadgpt": {"residuals": {"scores": False, "shifted_query": False}}}),
     "no_exemplar_shifts": ("without the half-patch-shifted exemplars in the patch bank",
-                           {"iadgpt": {"exemplar_shifts": 0}}),
+                           {"iadgpt": {"residuals": {"shifted_exemplars": False}}}),
     "no_query_shifts": ("the map's evidence on the patch grid, not the half-patch lattice",
-                        {"iadgpt": {"query_shifts": 0}}),
-    "attention_in_map": ("the attention map's logit added to the evidence in the map (weight 1)",
-                         {"iadgpt": {"map_attention_weight": 1.0}}),
+                        {"iadgpt": {"residuals": {"shifted_query": False}}}),
+    "attention_in_map": ("the attention map's logit added to the evidence in the map",
+                         {"iadgpt": {"residuals": {"map_attention": True}}}),
     "trained_vision": ("the vision encoder trained in stages 1 and 2 too (not frozen)", {"frozen_vision_stages": ()}),
 }
 INFERENCE_VARIANTS: dict[str, tuple[str, dict]] = {
     "answer_only_score": ("image score from the Yes/No answer alone, not fused with the map's maximum "
-                          "(inference only)", {"image_score_map_weight": 0.0}),
+                          "(inference only)", {"residuals": {"image_score_map_weight": 0.0}}),
 }
 """The quickstart's model evaluated with an IADGPT setting changed (no training)."""
 RETENTIONS = (1.0, 0.4, 0.2, 0.1, 0.05)
@@ -71,10 +72,12 @@ def k_only_manifest(manifest: Path, out: Path, k: int) -> Path:
 
 def variant_settings(base, changes: dict, text_layers: int):
     """The quickstart's settings with one thing changed (layer "last" resolved for this preset)."""
+    from ..model.settings import merge_settings_dicts  # the model package loads torch: only when needed
+
     changes = json.loads(json.dumps(changes))
-    iadgpt = dict(base.iadgpt)
-    for key, value in changes.pop("iadgpt", {}).items():
-        iadgpt[key] = [text_layers] if value == "last" else value
+    iadgpt_changes = {key: [text_layers] if value == "last" else value
+                      for key, value in changes.pop("iadgpt", {}).items()}
+    iadgpt = merge_settings_dicts(base.iadgpt, iadgpt_changes)
     return dataclasses.replace(base, iadgpt=iadgpt, shots=ABLATION_SHOTS, **changes)
 
 

@@ -161,9 +161,10 @@ class Quickstart:
         from PIL import Image
 
         from ..inspection import Inspector
+        from ..model.settings import merge_settings_dicts
 
         # with the settings the trained model will have (residuals, shifted exemplars): they cost time
-        settings = {**self.settings.iadgpt, **self.settings.eval_iadgpt}
+        settings = merge_settings_dicts(self.settings.iadgpt, self.settings.eval_iadgpt)
         inspector = Inspector.from_pretrained(self.paths.init_model, batch_size=8, iadgpt=settings or None)
         rng = np.random.default_rng(0)
         side = self.settings.image_size
@@ -401,8 +402,9 @@ class Quickstart:
         """The benchmark of the final model (or `model`) on drawn references, or those of `manifest`,
         into `out`."""
         from ..inspection import Inspector
+        from ..model.settings import merge_settings_dicts
 
-        overrides = {**self.settings.eval_iadgpt, **(eval_iadgpt or {})}
+        overrides = merge_settings_dicts(self.settings.eval_iadgpt, eval_iadgpt)
         inspector = Inspector.from_pretrained(model or self.final_model, batch_size=8, iadgpt=overrides or None)
         self.run_benchmark(self.detection_settings(out, manifest), inspector, desc)
 

@@ -97,15 +97,15 @@ class QuickstartSettings:
     far above the paper's fine-tuning rates."""
     batch_size: int = 8
     """Samples per optimizer step."""
-    iadgpt: dict = field(default_factory=lambda: {"in_context_residuals": True, "residual_scores": True,
-                                                 "exemplar_shifts": 3, "score_loss_weight": 1.0,
-                                                 "query_shifts": 3, "map_attention_weight": 0.0,
-                                                 "image_score_map_weight": 0.75})
-    """IADGPT setting overrides for every stage. Default: the in-context residuals, their evidence in
-    the scores, half-patch-shifted exemplars in their patch bank, and a map drawn from the evidence
-    alone on a half-patch lattice wherever there are exemplars (all beyond the paper), with the
-    Yes/No score loss, and the image score fused with the map's maximum (`image_score_map_weight`,
-    inference only). docs/model.md has what each of them changed. {} trains the paper's model."""
+    iadgpt: dict = field(default_factory=lambda: {
+        "score_loss_weight": 1.0,
+        "residuals": {"tokens": True, "scores": True, "shifted_exemplars": True, "shifted_query": True,
+                      "map_attention": False, "image_score_map_weight": 0.75}})
+    """IADGPT setting overrides for every stage. Default: every beyond-the-paper setting of the
+    `residuals` group (the in-context residuals, their evidence in the scores, half-patch-shifted
+    exemplars in their patch bank, a map drawn from the evidence alone on a half-patch lattice wherever
+    there are exemplars, and the image score fused with the map's maximum at inference) with the
+    Yes/No score loss. docs/model.md has what each of them changed. {} trains the paper's model."""
     shots: tuple[int, ...] = (0, 1, 2, 4)
     """Numbers of normal references k of the benchmark."""
     seeds: int = 2

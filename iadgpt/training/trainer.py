@@ -769,7 +769,7 @@ def token_estimate(processor, settings, image_sizes=((448, 448), (1024, 1024)), 
 
     image_processor = processor.image_processor
     merge = image_processor.merge_size ** 2
-    retention = settings.exemplar_retention if settings.compress_exemplars else None
+    retention = settings.exemplar_retention
     rows = []
     for height, width in image_sizes:
         per_image = image_processor.get_number_of_image_patches(height, width, {}) // merge

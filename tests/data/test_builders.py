@@ -321,3 +321,60 @@ def test_instruction_data_becomes_few_shot_where_the_category_is_known(factory, 
     for record in (few, zero):
         for path in record.images:
             assert info.image_path(record, path).is_file()
+
+
+def test_stage3_synthesises_defective_queries_for_a_folder_of_normals_only(factory, tmp_path):
+    """The own-parts path: a product folder with normal images only makes stage-3 records whose
+    defective queries are synthetic defects on a normal that is not among the exemplars, with their
+    mask (the pixel loss) and boxes around it (localization)."""
+    import shutil
+
+    from PIL import Image
+
+    normals = sorted(next(factory.glob("c000_*")).glob("train/good/*.png"))
+    assert len(normals) == 6
+    parts = tmp_path / "parts" / "bracket" / "train" / "good"
+    parts.mkdir(parents=True)
+    for path in normals:
+        shutil.copy(path, parts / path.name)
+    error = build(3, "--dataset", f"mine=folder:{tmp_path / 'parts'}", "--out", tmp_path / "none", check=False)
+    assert "some anomalies with masks (or --synthetic-fraction above 0" in error
+
+    build(3, "--dataset", f"mine=folder:{tmp_path / 'parts'}", "--records", 40, "--synthetic-fraction", 0.5,
+          "--out", tmp_path / "s3")
+    info = StageInfo.read(tmp_path / "s3")
+    records = list(read_records(tmp_path / "s3"))
+    defective = [r for r in records if r.label]
+    assert len(records) == 40 and 10 < len(defective) < 30
+    assert {r.task for r in defective} == {"detection", "localization"}
+    for record in records:
+        for path in [*record.images, *([record.mask] if record.mask else [])]:
+            assert info.image_path(record, path).is_file()
+    for record in defective:  # all synthetic: the product has no real defect
+        assert record.root == "stage" and record.images[-1].startswith("synthetic/")
+        base = record.meta["synthetic_from"]
+        assert base not in record.images[:-1]
+        query = np.asarray(Image.open(info.image_path(record, record.images[-1])).convert("RGB")).astype(int)
+        normal = np.asarray(Image.open(info.image_path(record, base)).convert("RGB")).astype(int)
+        mask = load_mask(info.image_path(record, record.mask), None) > 0
+        changed = np.abs(query - normal).sum(-1) > 0
+        assert mask.any() and changed.any() and not (changed & ~mask).any()  # the defect is where its mask is
+        answer = record.messages[-1]["content"][0]["text"]
+        if record.task == "localization":
+            from scipy import ndimage
+
+            regions, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+            largest = ndimage.find_objects(regions)[int(np.bincount(regions.ravel())[1:].argmax())]
+            scale = 56 / 64  # boxes are in the processor's resized pixels
+            expected = [largest[1].start * scale, largest[0].start * scale, largest[1].stop * scale - 1,
+                        largest[0].stop * scale - 1]
+            boxes = [b["bbox_2d"] for b in json.loads(answer)]
+            assert any(all(abs(a - e) <= 1 for a, e in zip(box, expected)) for box in boxes)  # it has a box
+        else:
+            assert answer.startswith("Yes, the query image has a ")
+    # a dataset with real defects mixes real and synthetic defective queries at the fraction
+    build(3, "--dataset", f"fac=mvtec:{factory}", "--records", 60, "--synthetic-fraction", 0.5,
+          "--out", tmp_path / "mixed")
+    mixed = [r for r in read_records(tmp_path / "mixed") if r.label]
+    synthetic = sum("synthetic_from" in r.meta for r in mixed)
+    assert 0 < synthetic < len(mixed)

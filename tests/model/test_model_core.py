@@ -230,7 +230,7 @@ def test_defect_answer_no_flips_the_score(tiny_checkpoint, batch):
 
 
 def test_image_score_fuses_the_answer_with_the_map_maximum(tiny_checkpoint, batch):
-    """image_score_map_weight a: sigmoid((1 - a) logit(p) + a logit(max map)), from the same forward's
+    """residuals.image_score_map_weight a: sigmoid((1 - a) logit(p) + a logit(max map)), from the same forward's
     answer probability p (a = 0) and maps; a = 1 is the map's maximum; the maps are required."""
     answer_only = load_model(tiny_checkpoint).eval()
     with torch.no_grad():
@@ -239,14 +239,14 @@ def test_image_score_fuses_the_answer_with_the_map_maximum(tiny_checkpoint, batc
     peaks = torch.stack([m.max() for m in out.pixel_scores])
     assert not torch.allclose(answer, peaks, atol=1e-3)  # the two parts differ, so the mix is visible
     for weight in (0.5, 1.0):
-        fused = load_model(tiny_checkpoint, iadgpt={"image_score_map_weight": weight}).eval()
+        fused = load_model(tiny_checkpoint, iadgpt={"residuals": {"image_score_map_weight": weight}}).eval()
         expected = torch.sigmoid((1 - weight) * torch.log(answer / (1 - answer)) + weight * torch.log(peaks / (1 - peaks)))
         torch.testing.assert_close(fused.image_anomaly_score(out.logits[:, -1], out.pixel_scores), expected,
                                    atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match=r"image_score_map_weight=1.0 fuses .* call the model with pixel_maps=True"):
+    with pytest.raises(ValueError, match=r"residuals.image_score_map_weight=1.0 fuses .* call the model with pixel_maps=True"):
         fused.image_anomaly_score(out.logits[:, -1])
-    with pytest.raises(ValueError, match=r"image_score_map_weight=1.5 is outside \[0, 1\]"):
-        IADGPTSettings(image_score_map_weight=1.5)
+    with pytest.raises(ValueError, match=r"residuals.image_score_map_weight=1.5 is outside \[0, 1\]"):
+        IADGPTSettings.from_dict({"residuals": {"image_score_map_weight": 1.5}})
 
 
 # -- pixel maps ----------------------------------------------------------------------------------

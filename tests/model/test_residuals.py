@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,12 +13,15 @@ from iadgpt.model.modeling_iadgpt import image_spans
 from iadgpt.model.settings import DetectionQuestion
 from iadgpt.model.residuals import ResidualEvidence, nearest_exemplar_tokens, patches_per_token, residual_features
 
-RESIDUALS = {"in_context_residuals": True, "compress_exemplars": False}
+RESIDUALS = {"exemplar_retention": 1.0, "residuals": {"tokens": True}}
+EVIDENCE = {"exemplar_retention": 1.0, "residuals": {"tokens": True, "scores": True}}
 
 
-def residual_model(checkpoint, seed: int = 0, **settings):
-    """A model with residuals whose residual weights are random (they start at zero)."""
-    model = load_model(checkpoint, iadgpt={**RESIDUALS, **settings}).eval()
+def residual_model(checkpoint, seed: int = 0, compress: bool = False, **residuals):
+    """A model with residuals (and the `residuals` settings given) whose residual weights are random
+    (they start at zero); exemplars uncompressed unless `compress`."""
+    settings = {"residuals": {"tokens": True, **residuals}, **({} if compress else {"exemplar_retention": 1.0})}
+    model = load_model(checkpoint, iadgpt=settings).eval()
     generator = torch.Generator().manual_seed(seed)
     module = model.in_context_residual
     with torch.no_grad():
@@ -71,7 +76,7 @@ def test_patches_per_token_are_the_patches_the_merger_folds_into_each_token(tiny
 def test_a_plain_checkpoint_starts_with_zero_residuals_and_unchanged_outputs(tiny_checkpoint, tiny_processor,
                                                                              random_image):
     inputs = detection_inputs(tiny_processor, [[random_image(), random_image()]], [random_image()])
-    plain = load_model(tiny_checkpoint, iadgpt={"compress_exemplars": False}).eval()
+    plain = load_model(tiny_checkpoint, iadgpt={"exemplar_retention": 1.0}).eval()
     with_residuals = load_model(tiny_checkpoint, iadgpt=RESIDUALS).eval()
     module = with_residuals.in_context_residual
     assert not module.residual_weight.any() and not module.distance_embedding.any()
@@ -87,7 +92,7 @@ def test_query_tokens_get_the_residual_to_the_nearest_token_of_any_exemplar(tiny
     exemplars = [[random_image(), random_image(84)], [random_image(140), random_image()]]
     inputs = detection_inputs(tiny_processor, exemplars, [random_image(), random_image(112, 168)])
     model = residual_model(tiny_checkpoint)
-    plain = load_model(tiny_checkpoint, iadgpt={"compress_exemplars": False}).eval()
+    plain = load_model(tiny_checkpoint, iadgpt={"exemplar_retention": 1.0}).eval()
     seen, reference = language_model_inputs(model, inputs), language_model_inputs(plain, inputs)
     with torch.no_grad():
         images = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
@@ -119,7 +124,7 @@ def test_query_tokens_get_the_residual_to_the_nearest_token_of_any_exemplar(tiny
 
 def test_samples_without_exemplars_and_other_images_are_left_alone(tiny_checkpoint, tiny_processor, random_image):
     model = residual_model(tiny_checkpoint)
-    plain = load_model(tiny_checkpoint, iadgpt={"compress_exemplars": False}).eval()
+    plain = load_model(tiny_checkpoint, iadgpt={"exemplar_retention": 1.0}).eval()
     zero_shot = detection_inputs(tiny_processor, [[]], [random_image()])
     torch.testing.assert_close(language_model_inputs(model, zero_shot), language_model_inputs(plain, zero_shot))
     # Roles say which images are exemplars: an abnormal reference (OTHER) is not in the bank.
@@ -133,7 +138,7 @@ def test_samples_without_exemplars_and_other_images_are_left_alone(tiny_checkpoi
 
 
 def test_generation_and_batching_with_residuals_and_compression(tiny_checkpoint, tiny_processor, random_image):
-    model = residual_model(tiny_checkpoint, compress_exemplars=True)
+    model = residual_model(tiny_checkpoint, compress=True)
     exemplars = [[random_image(), random_image(), random_image()], [random_image(84), random_image(), random_image()]]
     queries = [random_image(), random_image(168)]
     batch = detection_inputs(tiny_processor, exemplars, queries)
@@ -175,7 +180,7 @@ def test_residual_weights_learn_survive_save_load_and_run_on_batches_without_exe
     trained.save_pretrained(tmp_path / "saved")
     load_processor(tiny_checkpoint).save_pretrained(tmp_path / "saved")
     reloaded = load_model(tmp_path / "saved").eval()
-    assert reloaded.iadgpt.in_context_residuals
+    assert reloaded.iadgpt.residuals.tokens
     assert torch.equal(reloaded.in_context_residual.distance_embedding, trained.in_context_residual.distance_embedding)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, trained(**inputs).logits)
@@ -185,7 +190,7 @@ def test_the_residual_module_runs_once_per_training_forward_whatever_the_batch(t
                                                                               random_image):
     """ZeRO-3 gathers a module's weights collectively at every call: each rank must call it equally
     often, whether its batch holds two few-shot samples, one, or none (captions)."""
-    model = load_model(tiny_checkpoint, iadgpt={**RESIDUALS, "residual_scores": True}).train()
+    model = load_model(tiny_checkpoint, iadgpt=EVIDENCE).train()
     calls, evidence_calls = [], []
     model.in_context_residual.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     model.residual_evidence.register_forward_hook(lambda module, args, output: evidence_calls.append(1))
@@ -202,12 +207,10 @@ def test_the_residual_module_runs_once_per_training_forward_whatever_the_batch(t
     assert calls[-1] == 2 * tokens_per_query  # both samples' query tokens in the one call
 
 
-EVIDENCE = {**RESIDUALS, "residual_scores": True}
-
 
 def evidence_model(checkpoint, seed: int = 0, **settings):
     """A model with residual scores whose residual and evidence weights are random (both start at zero)."""
-    model = residual_model(checkpoint, seed, residual_scores=True, **settings)
+    model = residual_model(checkpoint, seed, scores=True, **settings)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for weight in model.residual_evidence.parameters():
@@ -270,8 +273,8 @@ def test_residual_evidence_is_added_to_the_image_score_and_the_map_in_logit_spac
 
 def test_residual_evidence_starts_at_zero_and_learns_from_the_score_and_pixel_losses(
         tiny_checkpoint, tiny_processor, random_image, tmp_path):
-    with pytest.raises(ValueError, match="residual_scores=True .* needs in_context_residuals=True"):
-        load_model(tiny_checkpoint, iadgpt={"residual_scores": True})
+    with pytest.raises(ValueError, match=r"residuals.scores adds .* needs residuals.tokens=true"):
+        load_model(tiny_checkpoint, iadgpt={"residuals": {"scores": True}})
     inputs = detection_inputs(tiny_processor, [[random_image(), random_image()]], [random_image()])
     fresh = load_model(tiny_checkpoint, iadgpt=EVIDENCE).eval()
     assert not any(weight.any() for weight in fresh.residual_evidence.parameters())
@@ -312,7 +315,7 @@ def test_residual_evidence_starts_at_zero_and_learns_from_the_score_and_pixel_lo
     model.save_pretrained(tmp_path / "saved")
     load_processor(tiny_checkpoint).save_pretrained(tmp_path / "saved")
     reloaded = load_model(tmp_path / "saved")
-    assert reloaded.iadgpt.residual_scores
+    assert reloaded.iadgpt.residuals.scores
     assert torch.equal(reloaded.residual_evidence.image_weight, model.residual_evidence.image_weight)
 
 
@@ -337,7 +340,7 @@ def test_generation_answers_the_detection_question_with_the_evidence(tiny_checkp
             assert torch.equal(model.generate(**other, max_new_tokens=1, do_sample=False)[:, -1], plain_first)
 
 
-# -- shifted exemplars (exemplar_shifts) ------------------------------------------------------------
+# -- shifted exemplars (residuals.shifted_exemplars) --------------------------------------------------------
 
 def moved(image, rows: int, cols: int, by: int):
     """The image's content moved by (rows, cols) x `by` pixels, edge pixels repeated."""
@@ -351,15 +354,17 @@ def moved(image, rows: int, cols: int, by: int):
 
 
 def test_shifted_image_pixels_are_the_processed_moved_images(tiny_checkpoint, tiny_processor, random_image):
-    from iadgpt.model.residuals import EXEMPLAR_SHIFTS, shifted_image_pixels
+    from iadgpt.model.residuals import shifted_image_pixels
+
+    eight_directions = ((0, 1), (1, 0), (1, 1), (0, -1), (-1, 0), (-1, -1), (1, -1), (-1, 1))
 
     vision = load_model(tiny_checkpoint).config.vision_config
     images = [random_image(), random_image(84, 196)]  # multiples of 28: the processor does not resize them
     processed = tiny_processor.image_processor(images=images, return_tensors="pt")
     pixels, grids = shifted_image_pixels(processed["pixel_values"], processed["image_grid_thw"], vision,
-                                         EXEMPLAR_SHIFTS[8])
+                                         eight_directions)
     expected = tiny_processor.image_processor(
-        images=[moved(image, r, c, vision.patch_size // 2) for image in images for r, c in EXEMPLAR_SHIFTS[8]],
+        images=[moved(image, r, c, vision.patch_size // 2) for image in images for r, c in eight_directions],
         return_tensors="pt")
     torch.testing.assert_close(pixels, expected["pixel_values"], atol=1e-6, rtol=0)
     assert torch.equal(grids, expected["image_grid_thw"])
@@ -369,15 +374,15 @@ def test_shifted_exemplar_patches_join_the_patch_bank(tiny_checkpoint, tiny_proc
     """Hand-computed reference: each query patch's distance is taken over the exemplars' patches and
     those of the exemplars moved by half a patch (encoded as images of their own); tokens are still
     matched against the unshifted exemplars only."""
-    from iadgpt.model.residuals import EXEMPLAR_SHIFTS
+    from iadgpt.model.residuals import HALF_PATCH_SHIFTS
 
     exemplars, query = [random_image(), random_image()], random_image()
     inputs = detection_inputs(tiny_processor, [exemplars], [query])
-    model = residual_model(tiny_checkpoint, exemplar_shifts=3)
-    plain = load_model(tiny_checkpoint, iadgpt={"compress_exemplars": False}).eval()
+    model = residual_model(tiny_checkpoint, shifted_exemplars=True)
+    plain = load_model(tiny_checkpoint, iadgpt={"exemplar_retention": 1.0}).eval()
     seen, reference = language_model_inputs(model, inputs), language_model_inputs(plain, inputs)
     half = model.config.vision_config.patch_size // 2
-    copies = [moved(image, r, c, half) for image in exemplars for r, c in EXEMPLAR_SHIFTS[3]]
+    copies = [moved(image, r, c, half) for image in exemplars for r, c in HALF_PATCH_SHIFTS]
     everything = tiny_processor.image_processor(images=exemplars + [query] + copies, return_tensors="pt")
     with torch.no_grad():
         encoded = model.model.get_image_features(everything["pixel_values"], everything["image_grid_thw"],
@@ -413,7 +418,7 @@ def test_shifted_exemplars_cost_one_more_vision_call_per_training_forward_whatev
         tiny_checkpoint, tiny_processor, random_image):
     """ZeRO-3: every rank runs the vision tower equally often (twice: the prompt's images, then the
     shifted exemplars or a blank stand-in), with exemplars, without, and with no image at all."""
-    model = load_model(tiny_checkpoint, iadgpt={**RESIDUALS, "exemplar_shifts": 3}).train()
+    model = load_model(tiny_checkpoint, iadgpt={"exemplar_retention": 1.0, "residuals": {"tokens": True, "shifted_exemplars": True}}).train()
     calls = []
     model.model.visual.register_forward_hook(
         lambda module, args, kwargs, output: calls.append(kwargs.get("grid_thw", args[-1]).shape[0]), with_kwargs=True)
@@ -429,25 +434,27 @@ def test_shifted_exemplars_cost_one_more_vision_call_per_training_forward_whatev
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"exemplar_shifts": 3}, "needs in_context_residuals=True"),
-    ({"in_context_residuals": True, "exemplar_shifts": 4}, "allowed are 0 \\(off\\), 3 and 8"),
+    ({"residuals": {"shifted_exemplars": True}}, "needs residuals.tokens=true"),
+    ({"residuals": {"tokens": True, "shifted_exemplars": 3}}, "residuals.shifted_exemplars=3: expected true or false"),
+    ({"in_context_residuals": True, "exemplar_shifts": 8},
+     r"exemplar_shifts=8 \(a setting of earlier releases, now residuals.shifted_exemplars\): only \[0, 3\] can be read"),
 ])
-def test_exemplar_shifts_settings_are_checked(tiny_checkpoint, settings, message):
+def test_shifted_exemplars_settings_are_checked(tiny_checkpoint, settings, message):
     with pytest.raises(ValueError, match=message):
         load_model(tiny_checkpoint, iadgpt=settings)
 
 
-# -- the map's half-patch lattice (query_shifts) -------------------------------------------------------
+# -- the map's half-patch lattice (residuals.shifted_query) ---------------------------------------------------
 
 def test_lattice_evidence_averages_the_patch_of_every_grid_that_covers_each_cell():
     """Reference from pixel coordinates: the cell's centre, and the patch of each grid (moved down /
     right by half a patch) that contains it; the moved grids' last half patch is edge padding, whose
     cells take the grid's last patch."""
-    from iadgpt.model.residuals import QUERY_SHIFTS, lattice_evidence
+    from iadgpt.model.residuals import HALF_PATCH_SHIFTS, lattice_evidence
 
     generator = torch.Generator().manual_seed(0)
     height, width, patch = 3, 4, 10
-    grids = {shift: torch.randn(height, width, generator=generator) for shift in ((0, 0),) + QUERY_SHIFTS}
+    grids = {shift: torch.randn(height, width, generator=generator) for shift in ((0, 0),) + HALF_PATCH_SHIFTS}
     expected = torch.zeros(2 * height, 2 * width)
     for n in range(2 * height):
         for q in range(2 * width):
@@ -459,16 +466,16 @@ def test_lattice_evidence_averages_the_patch_of_every_grid_that_covers_each_cell
     torch.testing.assert_close(lattice_evidence(grids), expected)
 
 
-def test_query_shifts_draw_the_map_evidence_on_the_half_patch_lattice(tiny_checkpoint, tiny_processor, random_image):
+def test_shifted_query_draws_the_map_evidence_on_the_half_patch_lattice(tiny_checkpoint, tiny_processor, random_image):
     """Reference: the query moved by half a patch, scored as a query of its own against the same
     exemplars, gives each shifted grid's patch evidence; the map is sigmoid(logit(p) + lattice
     evidence) on cells of half a patch, p the token map. The image score and the language model's
     input do not change."""
-    from iadgpt.model.residuals import QUERY_SHIFTS, lattice_evidence, patch_grid
+    from iadgpt.model.residuals import HALF_PATCH_SHIFTS, lattice_evidence, patch_grid
 
     exemplars, query = [random_image(), random_image()], random_image(112, 168)
     inputs = detection_inputs(tiny_processor, [exemplars], [query])
-    lattice = evidence_model(tiny_checkpoint, query_shifts=3)
+    lattice = evidence_model(tiny_checkpoint, shifted_query=True)
     grid = evidence_model(tiny_checkpoint)  # the same weights
     tokens_only = residual_model(tiny_checkpoint)  # the same residual weights, no evidence: p
     with torch.no_grad():
@@ -480,7 +487,7 @@ def test_query_shifts_draw_the_map_evidence_on_the_half_patch_lattice(tiny_check
     half = lattice.config.vision_config.patch_size // 2
     h, w = p.pixel_scores[0].shape
     evidence = {}
-    for shift in ((0, 0),) + QUERY_SHIFTS:
+    for shift in ((0, 0),) + HALF_PATCH_SHIFTS:
         moved_inputs = detection_inputs(tiny_processor, [exemplars], [moved(query, *shift, half)])
         distances, patch_distances = query_distances(grid, moved_inputs, [0, 1], 2)
         with torch.no_grad():
@@ -495,11 +502,11 @@ def test_query_shifts_draw_the_map_evidence_on_the_half_patch_lattice(tiny_check
     assert (torch.logit(out.pixel_scores[0]) - torch.logit(on_the_grid)).abs().max() > 0.1
 
 
-def test_query_shifts_add_the_map_queries_copies_to_the_one_extra_vision_call_and_learn(
+def test_shifted_query_adds_the_map_queries_copies_to_the_one_extra_vision_call_and_learn(
         tiny_checkpoint, tiny_processor, random_image):
     """ZeRO-3: still one extra vision call per training forward; it holds the shifted exemplars and,
     for samples whose map is trained, the shifted query. The pixel loss reaches the evidence weights."""
-    model = evidence_model(tiny_checkpoint, exemplar_shifts=3, query_shifts=3).train()
+    model = evidence_model(tiny_checkpoint, shifted_exemplars=True, shifted_query=True).train()
     calls = []
     model.model.visual.register_forward_hook(
         lambda module, args, kwargs, output: calls.append(kwargs.get("grid_thw", args[-1]).shape[0]), with_kwargs=True)
@@ -518,11 +525,11 @@ def test_query_shifts_add_the_map_queries_copies_to_the_one_extra_vision_call_an
     assert model.residual_evidence.patch_weight.grad.abs().sum() > 0
 
 
-def test_map_attention_weight_scales_the_attention_logit_where_there_is_evidence(tiny_checkpoint, tiny_processor,
-                                                                                 random_image):
-    """Reference: sigmoid(w logit(p) + evidence), the evidence read off the map with weight 1 (the
-    same weights); a sample without exemplars keeps the attention map p."""
-    weighted = evidence_model(tiny_checkpoint, map_attention_weight=0.25)
+def test_map_without_attention_is_the_evidence_alone_where_there_are_exemplars(tiny_checkpoint, tiny_processor,
+                                                                              random_image):
+    """Reference: sigmoid(evidence), the evidence read off the map with the attention in it,
+    sigmoid(logit(p) + evidence) (the same weights); a sample without exemplars keeps the attention map p."""
+    weighted = evidence_model(tiny_checkpoint, map_attention=False)
     unweighted = evidence_model(tiny_checkpoint)
     tokens_only = residual_model(tiny_checkpoint)
     with torch.no_grad():
@@ -541,15 +548,66 @@ def test_map_attention_weight_scales_the_attention_logit_where_there_is_evidence
             continue
         attention = torch.logit(p.pixel_scores[0], eps=1e-6).repeat_interleave(2, 0).repeat_interleave(2, 1)
         evidence = torch.logit(one.pixel_scores[0]) - attention
-        torch.testing.assert_close(torch.logit(out.pixel_scores[0]), 0.25 * attention + evidence, atol=1e-4, rtol=0)
-        assert attention.abs().max() > 0.01  # the attention map is not flat: the weight shows
+        torch.testing.assert_close(torch.logit(out.pixel_scores[0]), evidence, atol=1e-4, rtol=0)
+        assert attention.abs().max() > 0.01  # the attention map is not flat: leaving it out shows
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({**EVIDENCE, "map_attention_weight": -1.0}, "map_attention_weight=-1.0 is negative"),
-    ({"in_context_residuals": True, "query_shifts": 3}, "needs residual_scores=True"),
-    ({**EVIDENCE, "query_shifts": 8}, "allowed are 0 \\(off\\) and 3"),
+    ({"map_attention_weight": 0.25},
+     r"map_attention_weight=0.25 \(a setting of earlier releases, now residuals.map_attention\): only \[0.0, 1.0\]"),
+    ({"residuals": {"tokens": True, "shifted_query": True}}, "needs residuals.scores=true"),
+    ({"residuals": {"tokens": True, "scores": True, "shifted_query": 3}}, "residuals.shifted_query=3: expected true or false"),
+    ({"residuals": {"tokens": True, "scores": True, "attention_map": False}}, r"Unknown IADGPT settings \['residuals.attention_map'\]"),
 ])
-def test_query_shifts_and_map_attention_weight_settings_are_checked(tiny_checkpoint, settings, message):
+def test_shifted_query_and_map_attention_settings_are_checked(tiny_checkpoint, settings, message):
     with pytest.raises(ValueError, match=message):
         load_model(tiny_checkpoint, iadgpt=settings)
+
+
+# -- checkpoints written before the settings were grouped ---------------------------------------------
+
+RELEASED_FLAT_SETTINGS = {  # config.json "iadgpt" of a quickstart stage-1 checkpoint of the flat layout
+    "anomaly_words": ["defect", "defective", "defects", "anomaly", "anomalous", "abnormal", "damaged"],
+    "attention_map_layers": [1, 2], "compress_exemplars": True,
+    "detection_question": {"defect_answer": "Yes",
+                           "text": "Is there any defect or anomaly in the query image? Answer Yes or No."},
+    "exemplar_retention": 0.2, "exemplar_shifts": 3, "focal_alpha": None, "focal_gamma": 2.0,
+    "fusion_init_last_weight": None, "image_score_map_weight": 0.75, "in_context_residuals": True,
+    "map_attention_weight": 0.0, "normal_words": ["normal", "flawless", "good"], "pixel_loss_weight": 1.0,
+    "query_shifts": 3, "residual_scores": True, "score_loss_weight": 1.0, "vision_fusion_layers": [1, 2]}
+
+
+def test_a_checkpoint_of_the_flat_layout_loads_with_the_same_settings_and_outputs(
+        tiny_checkpoint, tiny_processor, random_image, tmp_path):
+    import json
+
+    grouped = evidence_model(tiny_checkpoint, compress=True, shifted_exemplars=True, shifted_query=True,
+                             map_attention=False, image_score_map_weight=0.75)
+    grouped.save_pretrained(tmp_path / "flat")
+    tiny_processor.save_pretrained(tmp_path / "flat")
+    config = json.loads((tmp_path / "flat" / "config.json").read_text())
+    assert config["iadgpt"]["residuals"]["shifted_query"] is True
+    config["iadgpt"] = {**RELEASED_FLAT_SETTINGS, "attention_map_layers": config["iadgpt"]["attention_map_layers"],
+                        "vision_fusion_layers": config["iadgpt"]["vision_fusion_layers"],
+                        "score_loss_weight": config["iadgpt"]["score_loss_weight"]}
+    (tmp_path / "flat" / "config.json").write_text(json.dumps(config))
+
+    flat = load_model(tmp_path / "flat").eval()
+    assert flat.iadgpt == grouped.iadgpt
+    inputs = detection_inputs(tiny_processor, [[random_image(), random_image(), random_image()]], [random_image()])
+    with torch.no_grad():
+        a, b = flat(**inputs, pixel_maps=True), grouped(**inputs, pixel_maps=True)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.pixel_scores[0], b.pixel_scores[0])
+    # overrides merge into the group key by key, over the flat layout too
+    assert load_model(tmp_path / "flat", iadgpt={"residuals": {"map_attention": True}}).iadgpt.residuals == \
+        dataclasses.replace(grouped.iadgpt.residuals, map_attention=True)
+    # saved again, it is written in the grouped layout
+    flat.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["iadgpt"] == grouped.iadgpt.to_dict()
+
+
+def test_compress_exemplars_false_of_the_flat_layout_keeps_every_token():
+    from iadgpt.model.settings import IADGPTSettings
+
+    assert IADGPTSettings.from_dict({"compress_exemplars": False, "exemplar_retention": 0.2}).exemplar_retention == 1.0
+    assert IADGPTSettings.from_dict({"compress_exemplars": True}).exemplar_retention == 0.2

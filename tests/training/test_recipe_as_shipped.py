@@ -24,8 +24,9 @@ from iadgpt.training.trainer import enable_gradient_checkpointing
 REPO = Path(__file__).resolve().parents[2]
 # What configs/stage3.yaml ships, and its commented beyond-the-paper block switched on.
 SHIPPED_STAGE3 = yaml.safe_load((REPO / "configs" / "stage3.yaml").read_text())["iadgpt"]
-RESIDUALS = {**SHIPPED_STAGE3, "in_context_residuals": True, "residual_scores": True, "exemplar_shifts": 3,
-             "query_shifts": 3, "map_attention_weight": 0.0, "score_loss_weight": 1.0}
+RESIDUALS = {**SHIPPED_STAGE3, "score_loss_weight": 1.0,
+             "residuals": {"tokens": True, "scores": True, "shifted_exemplars": True, "shifted_query": True,
+                           "map_attention": False}}
 SETTINGS = {"shipped": SHIPPED_STAGE3, "no_compression": {**SHIPPED_STAGE3, "exemplar_retention": 1.0},
             "residuals": RESIDUALS}
 
