@@ -17,6 +17,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention_maps import REQUEST_KWARG, AttentionMapRecorder, AttentionMapRequest, padded_positions
 from .compression import compress_exemplar_tokens
@@ -460,7 +461,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return (input_ids[:, -len(end):] == torch.tensor(end, device=input_ids.device)).all(1)
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as Qwen2.5-VL's own forward
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
                 image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None,
                 logits_to_keep=0, mm_encoder_outputs=None, image_roles=None, compress_exemplars=None,
@@ -485,7 +487,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         anomaly_word_mask / normal_word_mask: `[B, L]` bool word positions (default: found in
             `input_ids` from the configured words).
         """
-        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        cached = cache is not None and cache.get_seq_length() > 0
         if cached:
             if self._compacted_prefix is not None and attention_mask is not None:
                 attention_mask = self._compacted_prefix.decode_mask(attention_mask)
@@ -512,7 +514,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 raise ValueError("Pixel maps need `input_ids` and `pixel_values` (a query image).")
             out = super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                 pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
                 video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
                 second_per_grid_ts=second_per_grid_ts, logits_to_keep=logits_to_keep,
@@ -544,10 +546,10 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         asked = _Asked(image_roles=image_roles, compress=compress, strict_compression=compress_exemplars is True,
                        map_samples=map_samples if want_maps else None, pixel_masks=pixel_masks,
                        anomaly_word_mask=anomaly_word_mask, normal_word_mask=normal_word_mask)
-        return self._inspect_forward(input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
+        return self._inspect_forward(input_ids, attention_mask, position_ids, cache, labels, use_cache,
                                      mm_token_type_ids, logits_to_keep, images, asked, unused, **kwargs)
 
-    def _inspect_forward(self, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
+    def _inspect_forward(self, input_ids, attention_mask, position_ids, cache, labels, use_cache,
                          mm_token_type_ids, logits_to_keep, images: _EncodedImages, asked: _Asked,
                          unused: list[torch.Tensor], **kwargs):
         """The forward of `forward`'s docstring with the images already encoded. `unused` collects outputs
@@ -607,7 +609,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         # The request rides along as a keyword argument: see AttentionMapRecorder (gradient checkpointing).
         outputs = self.model.language_model(
             inputs_embeds=embeds, attention_mask=attn, position_ids=with_text_positions(positions, attn),
-            past_key_values=past_key_values, use_cache=use_cache, **{REQUEST_KWARG: request}, **kwargs)
+            cache=cache, use_cache=use_cache, **{REQUEST_KWARG: request}, **kwargs)
         if request is not None and not want_maps:
             unused.extend(channel for n in self.iadgpt.attention_map_layers for channel in request.maps[n])
 
@@ -620,7 +622,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         lm_loss = None
         if lab is not None:
             lm_loss = self.loss_function(logits=logits, labels=lab, vocab_size=cfg.text_config.vocab_size, **kwargs)
-        result = IADGPTOutput(logits=logits, past_key_values=outputs.past_key_values, lm_loss=lm_loss,
+        result = IADGPTOutput(logits=logits, cache=outputs.cache, lm_loss=lm_loss,
                               loss=lm_loss, kept_tokens=kept_tokens, residual_logits=residual_logits)
         if lab is not None and self.iadgpt.score_loss_weight > 0:
             result.score_loss = self.answer_score_loss(logits, lab)

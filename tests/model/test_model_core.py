@@ -181,17 +181,25 @@ def test_compression_without_exemplars_is_an_error_only_when_asked_for(model, ti
         model(**inputs, compress_exemplars=True)
 
 
-def test_generation_with_compression_matches_step_by_step_forward(model, batch):
+def test_generation_with_compression_matches_step_by_step_forward(model, tiny_processor, random_image):
+    """Every decoding step's logits, not only the tokens: the compacted cache of a left-padded batch
+    needs its own attention mask at every step (generate() passes the cache as `cache=`). 4 and 2
+    exemplars: compression drops more tokens of the longer sample, so the padding moves."""
+    exemplars = [[random_image() for _ in range(4)], [random_image(), random_image()]]
+    batch = detection_inputs(tiny_processor, exemplars, [random_image(), random_image()])
     with torch.no_grad():
-        generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        generated = model.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        for _ in range(4):
+        for step_logits in generated.logits:
             step = {**batch, "input_ids": ids, "attention_mask": mask,
                     "mm_token_type_ids": torch.nn.functional.pad(batch["mm_token_type_ids"], (0, ids.shape[1] - batch["input_ids"].shape[1]))}
-            next_id = model(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(**step, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(step_logits, logits, atol=1e-5, rtol=1e-5)
+            next_id = logits.argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_id], 1)
             mask = torch.cat([mask, torch.ones_like(next_id)], 1)
-    assert torch.equal(generated, ids)
+    assert torch.equal(generated.sequences, ids)
 
 
 # -- image score ---------------------------------------------------------------------------------
