@@ -3,6 +3,7 @@
     python eval/speed.py compression   # 4-shot prefill with vs without exemplar compression
     python eval/speed.py pixel-map     # our attention-row maps (sdpa) vs eager output_attentions
     python eval/speed.py eval          # batched single-pass scoring vs generating the answer text
+    python eval/speed.py prefix-cache  # one product's queries with its references encoded once vs every time
     python eval/speed.py data-build    # stage-2 records/s, and peak memory of a 10x larger build
     python eval/speed.py train         # training samples/s, 1 vs 2 CPU processes under DeepSpeed
     python eval/speed.py plan          # `iadgpt plan`'s memory parts vs the tensors of real training steps
@@ -44,15 +45,16 @@ BENCH_PRESET = ModelPreset(
 )
 
 
+def bench_images(count: int, size: int, rng: np.random.Generator) -> list[Image.Image]:
+    """Smooth product-like images plus noise, so references resemble each other as real ones do."""
+    base = np.linspace(0, 255, size)[None, :, None] * np.ones((size, 1, 3))
+    return [Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+            for _ in range(count)]
+
+
 def bench_inputs(processor, shots: int, image_size: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-
-    def image():
-        # A smooth product-like image plus noise, so exemplars resemble each other as real ones do.
-        base = np.linspace(0, 255, image_size)[None, :, None] * np.ones((image_size, 1, 3))
-        return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
-
-    return detection_inputs(processor, [[image() for _ in range(shots)]], [image()])
+    *normals, query = bench_images(shots + 1, image_size, np.random.default_rng(seed))
+    return detection_inputs(processor, [normals], [query])
 
 
 def compression(args) -> dict:
@@ -130,9 +132,11 @@ def pixel_map(args) -> dict:
 def eval_speed(args) -> dict:
     """Images per second: our batched single pass (score + pixel map) vs generating the answer text.
 
-    Both sides get the same checkpoint, queries, references, prompt (`Inspector.batch_inputs`,
-    image preprocessing included in both timings) and batch size. The single pass is
-    `Inspector.inspect` (no text): one forward gives the Yes/No score and the pixel map. The
+    Both sides get the same checkpoint, queries, references (one product's, as on a line or in a
+    benchmark category), prompt (`Inspector.batch_inputs`, image preprocessing included in both
+    timings) and batch size. The single pass is `Inspector.inspect` (no text): the references are
+    encoded once (its reference cache, emptied before every run), then one forward per batch gives
+    the Yes/No score and the pixel map. The
     baseline is how a chat LVLM is usually scored: greedy-generate up to 32 new tokens and read
     Yes/No from the text (`parse_yes_no`), without any pixel map.
 
@@ -147,20 +151,15 @@ def eval_speed(args) -> dict:
     processes only ever add time.
     """
     rng = np.random.default_rng(0)
-
-    def image():
-        # A smooth product-like image plus noise, so exemplars resemble each other as real ones do.
-        base = np.linspace(0, 255, args.image_size)[None, :, None] * np.ones((args.image_size, 1, 3))
-        return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
-
-    queries = [image() for _ in range(args.queries)]
-    normals = [[image() for _ in range(args.shots)] for _ in queries]
+    queries = bench_images(args.queries, args.image_size, rng)
+    normals = [bench_images(args.shots, args.image_size, rng)] * len(queries)  # one product's references
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = init_model(Path(tmp) / "bench", BENCH_PRESET if args.preset == "bench" else args.preset)
         inspector = Inspector.from_pretrained(ckpt, batch_size=args.batch_size)
     model, processor = inspector.model, inspector.processor
 
     def single_pass():
+        inspector.clear_reference_cache()  # each run encodes the product's references once
         return [r.score for r in inspector.inspect(queries, normals)]
 
     def generate():
@@ -194,6 +193,46 @@ def eval_speed(args) -> dict:
     return {"bench": "eval", "images_per_s_single_pass": round(rate["single_pass"], 3),
             "images_per_s_generate": round(rate["generate"], 3),
             "speedup": round(rate["single_pass"] / rate["generate"], 3)}
+
+
+def prefix_cache(args) -> dict:
+    """Queries per second of one product's inspection: its references encoded once (`Inspector`'s
+    reference cache) vs whole prompts for every batch (`reference_cache_size=0`).
+
+    Same model (BENCH_PRESET), references, queries (504 px) and batch size on both sides; the cache
+    is emptied before every timed run, so the cached side pays for encoding the references once per
+    run, as a line does per product. Scores and maps are compared first (`max_abs_diff`, over
+    every query's score and its map at the query's resolution). Variants run interleaved, fastest
+    of `--repeats` counts.
+    """
+    rng = np.random.default_rng(0)
+    queries = bench_images(args.queries, args.image_size, rng)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = init_model(Path(tmp) / "bench", BENCH_PRESET)
+        cached = Inspector.from_pretrained(ckpt, batch_size=args.batch_size)
+    whole = Inspector(cached.model, cached.processor, batch_size=args.batch_size, reference_cache_size=0)
+    speedup, diff = {}, 0.0
+    for shots in args.shot_counts:
+        normals = [bench_images(shots, args.image_size, rng)] * len(queries)
+        fast, slow = cached.inspect(queries, normals), whole.inspect(queries, normals)
+        diff = max(diff, *(max(abs(a.score - b.score), float(np.abs(a.anomaly_map - b.anomaly_map).max()))
+                          for a, b in zip(fast, slow)))
+        times: dict[str, list[float]] = {"cached": [], "whole": []}
+        for _ in range(args.repeats):
+            for name, inspector in (("cached", cached), ("whole", whole)):
+                inspector.clear_reference_cache()
+                start = time.perf_counter()
+                inspector.inspect(queries, normals)
+                times[name].append(time.perf_counter() - start)
+        rate = {name: len(queries) / min(values) for name, values in times.items()}
+        speedup[str(shots)] = round(rate["cached"] / rate["whole"], 3)
+        print(f"{shots}-shot, {len(queries)} queries of {args.image_size} px, batch {args.batch_size}: cached "
+              f"{rate['cached']:.2f} queries/s, whole prompts {rate['whole']:.2f} queries/s "
+              f"(fastest of {args.repeats}); speedup {speedup[str(shots)]}")
+    print(f"largest difference of a score or map value, cached vs whole: {diff:.2e}")
+    main_shots = str(max(args.shot_counts))
+    return {"bench": "prefix_cache", "shots": int(main_shots), "speedup": speedup[main_shots],
+            "max_abs_diff": float(f"{diff:.3g}"), "speedup_by_shots": speedup}
 
 
 def data_build(args) -> dict:
@@ -486,8 +525,8 @@ def plan_check(args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
-    for name in ("compression", "pixel-map", "pixel-map-worker", "eval", "data-build", "data-build-worker",
-                 "train", "plan", "plan-step"):
+    for name in ("compression", "pixel-map", "pixel-map-worker", "eval", "prefix-cache", "data-build",
+                 "data-build-worker", "train", "plan", "plan-step"):
         p = sub.add_parser(name)
         p.add_argument("--shots", type=int, default=4, help="normal exemplars before the query")
         p.add_argument("--image-size", type=int, default=504, help="image side in pixels (504 -> 324 tokens)")
@@ -505,6 +544,10 @@ def main(argv=None) -> None:
             p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per answer (forced)")
             p.add_argument("--preset", default="bench",
                            help="bench (BENCH_PRESET, the default) or an init-model preset (small, tiny)")
+        if name == "prefix-cache":
+            p.add_argument("--queries", type=int, default=32, help="queries of the one product")
+            p.add_argument("--batch-size", type=int, default=4, help="queries per forward")
+            p.add_argument("--shot-counts", type=int, nargs="+", default=[1, 2, 4], help="reference counts k")
         if name == "data-build":
             p.set_defaults(image_size=96)
             p.add_argument("--categories", type=int, default=4, help="categories of the 1x factory (10x: ten times)")
@@ -534,8 +577,8 @@ def main(argv=None) -> None:
         return data_build_worker(args)
     if args.bench == "plan-step":
         return plan_step_worker(args)
-    result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed, "data-build": data_build,
-              "train": train_speed, "plan": plan_check}[args.bench](args)
+    result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed, "prefix-cache": prefix_cache,
+              "data-build": data_build, "train": train_speed, "plan": plan_check}[args.bench](args)
     print(json.dumps(result))
 
 

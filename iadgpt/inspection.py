@@ -1,13 +1,17 @@
 """The inspection API: a query image and k normal references in, score, heatmap and answer out.
 
 One forward pass gives both the image score (Yes/No logits) and the pixel map (attention rows);
-text generation runs only when asked. Queries are batched, left-padded, each with its own
-references, so a production line and a benchmark use the same call.
+text generation runs only when asked. A reference set (its images and the prompt up to the query)
+is encoded once, `ReferencePrefix`, and kept in a small LRU cache keyed by the images' content: every
+query of that set then runs only its own image and question, batched with the other queries of
+the same set and size. So a production line and a benchmark use the same call.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +21,7 @@ from PIL import Image
 
 from .model.checkpoint import device_and_dtype, load_model, load_processor
 from .model.modeling_iadgpt import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY
-from .model.prompts import few_shot_messages, generation_inputs
+from .model.prompts import few_shot_messages, generation_inputs, split_before_query
 from .model.settings import DetectionQuestion
 
 
@@ -43,11 +47,16 @@ class Inspector:
     >>> [result] = inspector.inspect([query], [[normal_a, normal_b]])
     """
 
-    def __init__(self, model, processor, batch_size: int = 4, question: DetectionQuestion | None = None):
+    def __init__(self, model, processor, batch_size: int = 4, question: DetectionQuestion | None = None,
+                 reference_cache_size: int = 8):
+        """`reference_cache_size`: reference sets whose encoded prefix is kept (least recently used
+        goes first); 0 turns the cache off, so every batch runs whole prompts."""
         self.model = model.eval()
         self.processor = processor
         self.batch_size = batch_size
         self.question = question or model.iadgpt.detection_question
+        self.reference_cache_size = reference_cache_size
+        self._prefixes: OrderedDict[str, object] = OrderedDict()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, dtype=None,
@@ -75,30 +84,103 @@ class Inspector:
         if len(normals) != len(queries):
             raise ValueError(f"{len(queries)} queries but {len(normals)} lists of normal references")
         abnormal = abnormal or [[] for _ in queries]
-        results: list[InspectionResult] = []
-        for start in range(0, len(queries), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            results.extend(self._inspect_batch(queries[chunk], normals[chunk], abnormal[chunk], with_text,
-                                               max_new_tokens))
-        return results
+        if not self.reference_cache_size:
+            results: list[InspectionResult] = []
+            for start in range(0, len(queries), self.batch_size):
+                chunk = slice(start, start + self.batch_size)
+                results.extend(self._inspect_batch(queries[chunk], normals[chunk], abnormal[chunk], with_text,
+                                                   max_new_tokens))
+            return results
+        # Queries of one reference set and one size share a prefix and a batch.
+        digests: dict[int, str] = {}
+        groups: OrderedDict[tuple, list[int]] = OrderedDict()
+        for i, (query, refs, bad) in enumerate(zip(queries, normals, abnormal, strict=True)):
+            key = (self._reference_key(refs, bad, digests), query.size)
+            groups.setdefault(key, []).append(i)
+        found: dict[int, InspectionResult] = {}
+        for (key, _), members in groups.items():
+            prefix = self._reference_prefix(key, normals[members[0]], abnormal[members[0]])
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                batch = [queries[i] for i in chunk]
+                found.update(zip(chunk, self._inspect_after_prefix(prefix, batch, with_text, max_new_tokens)))
+        return [found[i] for i in range(len(queries))]
+
+    def clear_reference_cache(self) -> None:
+        """Forget every encoded reference set (they are encoded again when next used)."""
+        self._prefixes.clear()
+
+    def prompt(self, num_normals: int, num_abnormal: int) -> list[dict]:
+        """The chat messages of a query with this many references."""
+        return few_shot_messages(num_normals, self.question.text, num_abnormal_references=num_abnormal)
 
     def batch_inputs(self, queries, normals, abnormal):
         conversations = []
         for query, refs, bad in zip(queries, normals, abnormal, strict=True):
-            messages = few_shot_messages(len(refs), self.question.text, num_abnormal_references=len(bad))
             roles = [ROLE_EXEMPLAR] * len(refs) + [ROLE_OTHER] * len(bad) + [ROLE_QUERY]
-            conversations.append((messages, [*refs, *bad, query], roles))
+            conversations.append((self.prompt(len(refs), len(bad)), [*refs, *bad, query], roles))
         return generation_inputs(self.processor, conversations).to(self.model.device)
+
+    @staticmethod
+    def _reference_key(normals, abnormal, digests: dict[int, str]) -> str:
+        """A digest of the reference images' content (mode, size, pixels) and their roles."""
+        def digest(image) -> str:
+            if id(image) not in digests:
+                h = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+                h.update(image.tobytes())
+                digests[id(image)] = h.hexdigest()
+            return digests[id(image)]
+
+        return hashlib.sha256(" ".join(["normal", *map(digest, normals), "abnormal",
+                                        *map(digest, abnormal)]).encode()).hexdigest()
+
+    def _reference_prefix(self, key: str, normals, abnormal):
+        """A reference set's encoded prefix and the prompt's text after it, from the cache or encoded
+        now (and cached)."""
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            return self._prefixes[key]
+        head, tail = split_before_query(self.processor.apply_chat_template(
+            self.prompt(len(normals), len(abnormal)), tokenize=False, add_generation_prompt=True))
+        images = [image.convert("RGB") for image in [*normals, *abnormal]]
+        inputs = self.processor(text=[head], images=images or None, return_tensors="pt").to(self.model.device)
+        roles = [ROLE_EXEMPLAR] * len(normals) + [ROLE_OTHER] * len(abnormal)
+        prefix = self.model.encode_reference_prefix(inputs["input_ids"], inputs.get("pixel_values"),
+                                                    inputs.get("image_grid_thw"), inputs.get("mm_token_type_ids"),
+                                                    roles)
+        self._prefixes[key] = (prefix, tail)
+        while len(self._prefixes) > self.reference_cache_size:
+            self._prefixes.popitem(last=False)
+        return prefix, tail
+
+    def _inspect_after_prefix(self, reference, queries, with_text: bool = False,
+                              max_new_tokens: int = 64) -> list[InspectionResult]:
+        """Score and map queries of one size after a reference set's (prefix, prompt tail); the text
+        answer continues from the scoring pass's cache."""
+        prefix, tail = reference
+        inputs = self.processor(text=[tail] * len(queries), images=[q.convert("RGB") for q in queries],
+                                return_tensors="pt").to(self.model.device)
+        out = self.model(**inputs, reference_prefix=prefix, pixel_maps=True, logits_to_keep=1, use_cache=with_text)
+        texts = [None] * len(queries)
+        if with_text:
+            whole_mask = torch.ones(len(queries), len(prefix.input_ids) + inputs["input_ids"].shape[1],
+                                    dtype=torch.long, device=self.model.device)
+            tokens = self.model.continue_greedy(out, whole_mask, max_new_tokens)
+            texts = [t.strip() for t in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+        return self._results(queries, out, texts)
 
     def _inspect_batch(self, queries, normals, abnormal, with_text, max_new_tokens) -> list[InspectionResult]:
         inputs = self.batch_inputs(queries, normals, abnormal)
         out = self.model(**inputs, pixel_maps=True, logits_to_keep=1)
-        scores = self.model.image_anomaly_score(out.logits[:, -1], out.pixel_scores).tolist()
         texts = [None] * len(queries)
         if with_text:
             generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             new_tokens = generated[:, inputs["input_ids"].shape[1]:]
             texts = [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        return self._results(queries, out, texts)
+
+    def _results(self, queries, out, texts) -> list[InspectionResult]:
+        scores = self.model.image_anomaly_score(out.logits[:, -1], out.pixel_scores).tolist()
         results = []
         for query, score, token_map, text in zip(queries, scores, out.pixel_scores, texts):
             width, height = query.size

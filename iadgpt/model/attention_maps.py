@@ -48,6 +48,9 @@ class AttentionMapRequest:
     col_index: torch.Tensor  # [B, N] positions of the query image's visual tokens
     key_padding: torch.Tensor  # [B, L] True where a key may be attended (the 2-D attention mask)
     maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    key_offset: int = 0
+    """Tokens of the sequence already in the layers' cache (a reference prefix): the layer sees only
+    the rest, the keys of those come from the cache, and every index above counts them."""
 
     def key_allowed(self) -> torch.Tensor:
         """[B, R, L]: causal (key <= row) and not padding."""
@@ -87,29 +90,38 @@ class AttentionMapRecorder:
             if request is not None and number is not None:
                 hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 cos, sin = kwargs["position_embeddings"]
-                request.maps[number] = word_to_image_attention(attn, hidden, cos, sin, request)
+                cached_keys = None
+                if request.key_offset:  # the hook runs before the layer adds this step's keys to the cache
+                    cached_keys = kwargs["cache"].layers[attn.layer_idx].keys[:, :, :request.key_offset]
+                request.maps[number] = word_to_image_attention(attn, hidden, cos, sin, request, cached_keys)
             return args, kwargs
 
         return hook
 
 
 def word_to_image_attention(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            request: AttentionMapRequest) -> tuple[torch.Tensor, torch.Tensor]:
+                            request: AttentionMapRequest, cached_keys: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention probabilities from the word rows to the query-image tokens, for one layer.
 
+    `cached_keys` `[B, Hkv, key_offset, d]`: the rotated keys of the tokens before `hidden` (a
+    reference prefix in the cache); they join the softmax as they would in a whole forward.
     Returns (anomaly, normal) maps `[B, N]`: mean over heads and over that channel's word rows
     (zeros where a sample has no such word).
     """
     bsz, seq_len, _ = hidden.shape
     head_dim = attn.head_dim
-    rows = _gather_rows(hidden, request.row_index)  # [B, R, D]
+    local_rows = request.row_index - request.key_offset  # rows in `hidden`
+    rows = _gather_rows(hidden, local_rows)  # [B, R, D]
     num_rows = rows.shape[1]
     # Calling the projections as modules keeps LoRA wrappers and ZeRO-3 parameter gathering working.
     query = attn.q_proj(rows).view(bsz, num_rows, -1, head_dim).transpose(1, 2)  # [B, H, R, d]
     key = attn.k_proj(hidden).view(bsz, seq_len, -1, head_dim).transpose(1, 2)  # [B, Hkv, L, d]
-    cos_r, sin_r = _gather_rows(cos, request.row_index), _gather_rows(sin, request.row_index)
+    cos_r, sin_r = _gather_rows(cos, local_rows), _gather_rows(sin, local_rows)
     query = query * cos_r.unsqueeze(1) + _rotate_half(query) * sin_r.unsqueeze(1)
     key = key * cos.unsqueeze(1) + _rotate_half(key) * sin.unsqueeze(1)
+    if cached_keys is not None:
+        key = torch.cat([cached_keys.to(key.dtype), key], dim=2)
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)  # = repeat_kv
     # In float32 even when the model runs in bf16 (or under bf16 autocast, which would run this

@@ -10,6 +10,7 @@ only, which equals the full sequence with the dropped exemplar tokens masked out
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +116,8 @@ class _Asked:
     pixel_masks: list | torch.Tensor | None
     anomaly_word_mask: torch.Tensor | None
     normal_word_mask: torch.Tensor | None
+    prefix: "ReferencePrefix | None" = None
+    """The reference prefix every sample starts with (its cache stands in for its tokens)."""
 
 
 @dataclass
@@ -156,6 +159,47 @@ class _CompactedPrefix:
 
     def decode_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.compact_mask.to(attention_mask), attention_mask[:, self.full_length:]], dim=1)
+
+
+@dataclass
+class ReferencePrefix:
+    """A reference set's share of a few-shot prompt, computed once for every query of a product
+    (`IADGPTForConditionalGeneration.encode_reference_prefix`): everything before the query image.
+
+    Causal attention makes that part independent of what follows, so its key/value cache serves
+    every query; the references' encoded images serve the in-context residuals (their tokens,
+    patches and shifted copies) and the M-RoPE positions (their grids), which stay those of the
+    full uncompressed sequence.
+    """
+
+    input_ids: torch.Tensor
+    """`[P]` the prefix's tokens (uncompressed)."""
+    mm_token_type_ids: torch.Tensor
+    """`[P]` 1 on image tokens."""
+    grid_thw: torch.Tensor
+    """`[n, 3]` the reference images' grids."""
+    roles: list[int]
+    """ROLE_EXEMPLAR for the normal references, ROLE_OTHER for abnormal ones."""
+    encoded: IADGPTVisionOutput | BaseModelOutputWithPooling
+    """The reference images' vision output (pooler_output split per image)."""
+    shifted_exemplars: dict[int, torch.Tensor]
+    """By reference index: the patches of that exemplar's half-patch-shifted copies
+    (`residuals.shifted_exemplars`), for the patch bank."""
+    keep: torch.Tensor
+    """`[P]` bool: the prefix tokens the language model keeps (exemplar compression)."""
+    cache: object
+    """The language model's key/value cache of the kept prefix tokens, batch 1 (a transformers Cache)."""
+
+    @property
+    def kept_length(self) -> int:
+        return int(self.keep.sum())
+
+    def cache_for(self, batch: int):
+        """A copy of the cache for a batch of `batch` queries (the stored one stays the prefix's)."""
+        cache = copy.deepcopy(self.cache)
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        return cache
 
 
 def word_variants(word: str) -> list[str]:
@@ -333,6 +377,105 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return exemplar_copies, query_copies
 
     @torch.no_grad()
+    def encode_reference_prefix(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                                image_grid_thw: torch.Tensor | None = None,
+                                mm_token_type_ids: torch.Tensor | None = None,
+                                image_roles: list[int] | None = None) -> ReferencePrefix:
+        """A prompt's part before the query image, computed once (see ReferencePrefix).
+
+        `input_ids` `[1, P]` (or `[P]`) are the prompt's tokens up to the query image, `pixel_values` /
+        `image_grid_thw` the reference images in them; `image_roles` per image ROLE_EXEMPLAR (default)
+        or ROLE_OTHER (abnormal references). The prefix runs through the same forward as a whole
+        prompt does, so its compression and positions are the whole prompt's.
+        """
+        if self.training:
+            raise ValueError("encode_reference_prefix serves inference: call model.eval() first.")
+        input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"a reference prefix is one prompt's; got a batch of {input_ids.shape[0]}")
+        count = 0 if image_grid_thw is None else int(image_grid_thw.shape[0])
+        roles = [ROLE_EXEMPLAR] * count if image_roles is None else [int(r) for r in image_roles]
+        if len(roles) != count or ROLE_QUERY in roles:
+            raise ValueError(f"{count} reference images need as many roles, exemplar or other (no query): {roles}")
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.config.image_token_id).to(torch.int32)
+        encoded = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True) if count else None
+        out = self(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), image_grid_thw=image_grid_thw,
+                   mm_token_type_ids=mm_token_type_ids, image_roles=torch.tensor(roles) if count else None,
+                   mm_encoder_outputs={"image": encoded} if count else None, use_cache=True, logits_to_keep=1)
+        keep = out.kept_tokens[0] if out.kept_tokens is not None else torch.ones_like(input_ids[0], dtype=torch.bool)
+        shifted = {}
+        if count and self.iadgpt.residuals.shifted_exemplars:
+            exemplars = [i for i, role in enumerate(roles) if role == ROLE_EXEMPLAR]
+            copies, _ = self.encode_shifted_copies([encoded.pixels_per_image[i] for i in exemplars])
+            shifted = dict(zip(exemplars, copies))
+        return ReferencePrefix(input_ids=input_ids[0], mm_token_type_ids=mm_token_type_ids[0],
+                               grid_thw=image_grid_thw if count else input_ids.new_zeros(0, 3), roles=roles,
+                               encoded=encoded, shifted_exemplars=shifted, keep=keep, cache=out.cache)
+
+    @torch.no_grad()
+    def continue_greedy(self, outputs: IADGPTOutput, attention_mask: torch.Tensor, max_new_tokens: int,
+                        stop_token_ids: list[int] | None = None) -> torch.Tensor:
+        """Greedy answer tokens `[B, n]` after a forward that kept its cache (`use_cache=True`), such as
+        the scoring pass: the first from its last logits, each next one from a one-token step on the
+        cache, so the prompt is never run again. `attention_mask` is that forward's whole (uncompressed)
+        mask: positions continue from the whole sequence's, as generate() continues them. A sample
+        that reached a stop token is padded with it from then on.
+        """
+        stop = stop_token_ids if stop_token_ids is not None else self.generation_config.eos_token_id
+        stop = torch.tensor([stop] if isinstance(stop, int) else list(stop or []), device=attention_mask.device)
+        cache, mask = outputs.cache, attention_mask
+        token = outputs.logits[:, -1].argmax(-1)
+        finished = torch.zeros_like(token, dtype=torch.bool)
+        tokens = []
+        for step in range(max_new_tokens):
+            token = torch.where(finished, tokens[-1] if tokens else token, token)
+            tokens.append(token)
+            finished |= torch.isin(token, stop)
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            text = (mask.long().cumsum(-1) - 1)[:, -1:]
+            deltas = self.model.rope_deltas.to(text.device)  # of the whole prompt, from the forward
+            positions = torch.cat([text[None], (text + deltas)[None].expand(3, -1, -1)], dim=0)
+            token = self(input_ids=token[:, None], attention_mask=mask, cache=cache, position_ids=positions,
+                         use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+        return torch.stack(tokens, dim=1)
+
+    def _after_prefix(self, prefix: ReferencePrefix, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None,
+                      queries: _EncodedImages):
+        """The whole prompts of a batch whose samples are `prefix` then their own `input_ids` (one query
+        image each): (input ids, attention mask, mm token types, the encoded images in prompt order,
+        the image roles)."""
+        batch = input_ids.shape[0]
+        if len(queries.embeds) != batch:
+            raise ValueError(f"After a reference prefix every sample holds one query image: {len(queries.embeds)} "
+                             f"images for {batch} samples.")
+        device = input_ids.device
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.config.image_token_id).to(torch.int32)
+        full_ids = torch.cat([prefix.input_ids.to(device)[None].expand(batch, -1), input_ids], dim=1)
+        full_types = torch.cat([prefix.mm_token_type_ids.to(device)[None].expand(batch, -1),
+                                mm_token_type_ids.to(prefix.mm_token_type_ids.dtype)], dim=1)
+        references = prefix.encoded
+        own = {"embeds": list(references.pooler_output) if references is not None else [],
+               "patches": getattr(references, "patches_per_token", None) if references is not None else [],
+               "pixels": getattr(references, "pixels_per_image", None) if references is not None else []}
+
+        def joined(name, per_query):
+            if per_query is None or own[name] is None:
+                return None
+            return [item for b in range(batch) for item in (*own[name], per_query[b])]
+
+        images = _EncodedImages(
+            embeds=joined("embeds", list(queries.embeds)), patches=joined("patches", queries.patches),
+            pixels=joined("pixels", queries.pixels),
+            grid_thw=torch.cat([torch.cat([prefix.grid_thw.to(device), queries.grid_thw[b:b + 1]])
+                                for b in range(batch)]))
+        roles = torch.tensor([*prefix.roles, ROLE_QUERY] * batch)
+        return full_ids, torch.ones_like(full_ids), full_types, images, roles
+
+    @torch.no_grad()
     def initialize_weights(self):
         # transformers initialises the vision tower's modules with the tower's own `_init_weights`,
         # which knows nothing of the fusion weights: initialise them here when the checkpoint
@@ -467,7 +610,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None,
                 logits_to_keep=0, mm_encoder_outputs=None, image_roles=None, compress_exemplars=None,
                 pixel_maps=None, pixel_masks=None, anomaly_word_mask=None, normal_word_mask=None,
-                dummy_pixel_values=None, dummy_image_grid_thw=None, **kwargs):
+                dummy_pixel_values=None, dummy_image_grid_thw=None, reference_prefix=None, **kwargs):
         """Qwen2.5-VL's forward, plus:
 
         image_roles: `[num_images]` ROLE_EXEMPLAR / ROLE_QUERY / ROLE_OTHER per image in batch order
@@ -486,7 +629,19 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         every trainable parameter a gradient, whatever its samples: see the comment on `uniform`.
         anomaly_word_mask / normal_word_mask: `[B, L]` bool word positions (default: found in
             `input_ids` from the configured words).
+        reference_prefix: a `ReferencePrefix` (`encode_reference_prefix`) every sample starts with; then
+            `input_ids` / `pixel_values` / `image_grid_thw` / `mm_token_type_ids` are only what follows
+            it (the query image and the question, unpadded), and the outputs are those of the whole
+            prompt, computed from the prefix's cache. Inference only.
         """
+        if reference_prefix is not None:
+            if self.training or labels is not None or pixel_masks is not None:
+                raise ValueError("reference_prefix serves inference: no training, labels or pixel_masks with it.")
+            if attention_mask is not None and not attention_mask.bool().all():
+                raise ValueError("After a reference prefix every sample's part must have the same length (no "
+                                 "padding): batch queries of the same image size together.")
+            if image_roles is not None or mm_encoder_outputs is not None or cache is not None:
+                raise ValueError("image_roles, mm_encoder_outputs and cache come from the reference prefix.")
         cached = cache is not None and cache.get_seq_length() > 0
         if cached:
             if self._compacted_prefix is not None and attention_mask is not None:
@@ -508,8 +663,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         # under ZeRO-3 every module call gathers its weights collectively and every gradient is
         # reduced in order, so a rank whose batch took another path would wait forever on the others.
         uniform = self.training and not cached and input_ids is not None
-        if not uniform and (cached or not has_images or input_ids is None
-                            or not (compress or want_maps or residuals)):
+        if not uniform and reference_prefix is None and (cached or not has_images or input_ids is None
+                                                          or not (compress or want_maps or residuals)):
             if want_maps and not cached:
                 raise ValueError("Pixel maps need `input_ids` and `pixel_values` (a query image).")
             out = super().forward(
@@ -543,9 +698,13 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             embeds=encoded_images.pooler_output if encoded_images is not None else (),
             patches=getattr(encoded_images, "patches_per_token", None),
             pixels=getattr(encoded_images, "pixels_per_image", None), grid_thw=image_grid_thw)
+        if reference_prefix is not None:
+            input_ids, attention_mask, mm_token_type_ids, images, image_roles = self._after_prefix(
+                reference_prefix, input_ids, mm_token_type_ids, images)
         asked = _Asked(image_roles=image_roles, compress=compress, strict_compression=compress_exemplars is True,
                        map_samples=map_samples if want_maps else None, pixel_masks=pixel_masks,
-                       anomaly_word_mask=anomaly_word_mask, normal_word_mask=normal_word_mask)
+                       anomaly_word_mask=anomaly_word_mask, normal_word_mask=normal_word_mask,
+                       prefix=reference_prefix)
         return self._inspect_forward(input_ids, attention_mask, position_ids, cache, labels, use_cache,
                                      mm_token_type_ids, logits_to_keep, images, asked, unused, **kwargs)
 
@@ -572,8 +731,13 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             raise ValueError(f"image_roles has {len(roles)} entries for {len(image_embeds)} images.")
         evidence = _Evidence()
         if self.iadgpt.residuals.tokens:
+            known_copies = {}
+            if asked.prefix is not None:  # the references' shifted copies were encoded with the prefix
+                per_sample = len(asked.prefix.roles) + 1
+                known_copies = {b * per_sample + i: copies for b in range(batch)
+                                for i, copies in asked.prefix.shifted_exemplars.items()}
             image_embeds, distances, shifted_distances = self._add_in_context_residuals(
-                list(image_embeds), counts, roles, images.patches, images.pixels, map_samples, unused)
+                list(image_embeds), counts, roles, images.patches, images.pixels, map_samples, unused, known_copies)
             if self.iadgpt.residuals.scores:
                 evidence = self._residual_evidence(distances, shifted_distances, batch, unused)
 
@@ -601,6 +765,17 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             layout.keep, inputs_embeds, position_ids, attention_mask, labels, layout.query_mask, rows, use_cache)
         kept_tokens = None if layout.keep.all() else layout.keep
         request = self._map_request(rows, query_mask, attn) if want_maps else None
+        positions = with_text_positions(positions, attn)
+        if asked.prefix is not None:
+            # The prefix's kept tokens are in its cache: run only what follows. Rows, columns and the
+            # key mask of the map stay in the whole sequence's coordinates (see AttentionMapRequest).
+            start = asked.prefix.kept_length
+            if not torch.equal(layout.keep[:, :len(asked.prefix.keep)].cpu(),
+                               asked.prefix.keep.cpu()[None].expand(batch, -1)):
+                raise RuntimeError("The reference prefix was compressed differently from this forward's prefix.")
+            embeds, positions, cache = embeds[:, start:], positions[..., start:], asked.prefix.cache_for(batch)
+            if request is not None:
+                request.key_offset = start
         if request is None and self.training:
             # No map asked for: the map layers still compute one attention row (times zero in the loss).
             first = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)
@@ -608,7 +783,7 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                           col_index=first, key_padding=attn.bool())
         # The request rides along as a keyword argument: see AttentionMapRecorder (gradient checkpointing).
         outputs = self.model.language_model(
-            inputs_embeds=embeds, attention_mask=attn, position_ids=with_text_positions(positions, attn),
+            inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
             cache=cache, use_cache=use_cache, **{REQUEST_KWARG: request}, **kwargs)
         if request is not None and not want_maps:
             unused.extend(channel for n in self.iadgpt.attention_map_layers for channel in request.maps[n])
@@ -775,7 +950,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     def _add_in_context_residuals(self, image_embeds: list[torch.Tensor], counts: list[int],
                                   roles: list[int], image_patches: list[torch.Tensor] | None,
                                   image_pixels: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                                  map_samples: list[bool] | None = None, unused: list[torch.Tensor] | None = None):
+                                  map_samples: list[bool] | None = None, unused: list[torch.Tensor] | None = None,
+                                  known_copies: dict[int, torch.Tensor] | None = None):
         """Each query image's tokens plus their residual embeddings against all exemplar tokens and
         patches of its sample (`iadgpt.model.residuals`; with `residuals.shifted_exemplars`, the patch bank also
         holds the exemplars' shifted patches); samples without exemplars are left as they are.
@@ -793,7 +969,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         exemplar_copies: dict[int, torch.Tensor] = {}
         query_copies: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if self.iadgpt.residuals.shifted_exemplars or self.iadgpt.residuals.shifted_query:
-            exemplars = [g for b in used for g in samples[b] if roles[g] == ROLE_EXEMPLAR]
+            known_copies = known_copies or {}
+            exemplars = [g for b in used for g in samples[b] if roles[g] == ROLE_EXEMPLAR and g not in known_copies]
             exemplars = exemplars if self.iadgpt.residuals.shifted_exemplars else []
             queries = [g for b in used if map_samples is not None and map_samples[b]
                        for g in samples[b] if roles[g] == ROLE_QUERY] if self.iadgpt.residuals.shifted_query else []
@@ -804,7 +981,8 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                  "of these images.")
             shifted_exemplars, shifted_queries = self.encode_shifted_copies([image_pixels[g] for g in exemplars],
                                                                             [image_pixels[g] for g in queries])
-            exemplar_copies, query_copies = dict(zip(exemplars, shifted_exemplars)), dict(zip(queries, shifted_queries))
+            exemplar_copies = {**known_copies, **dict(zip(exemplars, shifted_exemplars))}
+            query_copies = dict(zip(queries, shifted_queries))
         if not used:
             if self.training and unused is not None:
                 residual = self.in_context_residual

@@ -7,6 +7,9 @@ from PIL import Image
 
 from .settings import DetectionQuestion
 
+VISION_START = "<|vision_start|>"
+"""Qwen2.5-VL's token that opens every image in a prompt."""
+
 
 def few_shot_messages(num_exemplars: int, question: str, answer: str | None = None,
                       num_abnormal_references: int = 0) -> list[dict]:
@@ -29,6 +32,16 @@ def few_shot_messages(num_exemplars: int, question: str, answer: str | None = No
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
+
+
+def split_before_query(prompt: str) -> tuple[str, str]:
+    """A chat-templated few-shot prompt cut before its last image (the query): the part a reference set
+    shares with every query, and the query's own. The cut falls on a special token, which the
+    tokenizer never merges across, so the two parts tokenize to the whole prompt's tokens."""
+    cut = prompt.rfind(VISION_START)
+    if cut < 0:
+        raise ValueError("the prompt holds no image: there is no query image to cut before")
+    return prompt[:cut], prompt[cut:]
 
 
 def detection_inputs(processor, exemplars: list[list[Image.Image]], queries: list[Image.Image],
