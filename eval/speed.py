@@ -4,6 +4,7 @@
     python eval/speed.py pixel-map     # our attention-row maps (sdpa) vs eager output_attentions
     python eval/speed.py eval          # batched single-pass scoring vs generating the answer text
     python eval/speed.py prefix-cache  # one product's queries with its references encoded once vs every time
+    python eval/speed.py chat          # a conversation's 5th turn on its kept cache vs re-reading it all
     python eval/speed.py data-build    # stage-2 records/s, and peak memory of a 10x larger build
     python eval/speed.py train         # training samples/s, 1 vs 2 CPU processes under DeepSpeed
     python eval/speed.py plan          # `iadgpt plan`'s memory parts vs the tensors of real training steps
@@ -233,6 +234,50 @@ def prefix_cache(args) -> dict:
     main_shots = str(max(args.shot_counts))
     return {"bench": "prefix_cache", "shots": int(main_shots), "speedup": speedup[main_shots],
             "max_abs_diff": float(f"{diff:.3g}"), "speedup_by_shots": speedup}
+
+
+def chat_speed(args) -> dict:
+    """The last turn of a conversation (4 normal references and a query, 504 px, BENCH_PRESET): answered
+    on the conversation's kept cache (`KeptConversation`, what `iadgpt chat` does) vs re-reading the
+    whole conversation, images included (`reply`, one generate() call).
+
+    Both answer the same history with exactly `--max-new-tokens` tokens (a random model stops at random
+    places, so stopping is off on both sides). The kept side is timed on a copy of the conversation
+    taken before the last question, the fastest of `--repeats` interleaved runs.
+    """
+    import copy as copy_module
+
+    from iadgpt.dialogue import Dialogue, KeptConversation, reply
+
+    rng = np.random.default_rng(0)
+    *normals, query = bench_images(args.shots + 1, args.image_size, rng)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = init_model(Path(tmp) / "bench", BENCH_PRESET)
+        inspector = Inspector.from_pretrained(ckpt)
+    model, processor = inspector.model, inspector.processor
+    questions = ["Is there any defect in the query image?", "Where is it?", "How large is it?",
+                 "What could have caused it?", "Should this part be scrapped?"][:args.turns]
+    conversation = KeptConversation(model, processor, Dialogue(query, normals))
+    for question in questions[:-1]:
+        conversation.ask(question, max_new_tokens=args.max_new_tokens, stop_token_ids=[])
+    history_tokens = conversation.ids.shape[1]
+    times: dict[str, list[float]] = {"kept": [], "reread": []}
+    for _ in range(args.repeats + 1):  # the first round warms up
+        kept = copy_module.copy(conversation)
+        kept.cache, kept.dialogue = copy_module.deepcopy(conversation.cache), copy_module.deepcopy(conversation.dialogue)
+        start = time.perf_counter()
+        kept.ask(questions[-1], max_new_tokens=args.max_new_tokens, stop_token_ids=[])
+        times["kept"].append(time.perf_counter() - start)
+        reread = copy_module.deepcopy(conversation.dialogue)
+        start = time.perf_counter()
+        reply(model, processor, [reread], [questions[-1]], max_new_tokens=args.max_new_tokens,
+              min_new_tokens=args.max_new_tokens)
+        times["reread"].append(time.perf_counter() - start)
+    best = {name: min(values[1:]) for name, values in times.items()}
+    print(f"turn {len(questions)} of a {args.shots}-shot conversation ({history_tokens} tokens before it, "
+          f"{args.image_size} px images), {args.max_new_tokens}-token answers: kept cache {best['kept']:.3f} s, "
+          f"re-reading {best['reread']:.3f} s (fastest of {args.repeats})")
+    return {"bench": "chat", "turns": len(questions), "turn5_speedup": round(best["reread"] / best["kept"], 3)}
 
 
 def data_build(args) -> dict:
@@ -525,7 +570,7 @@ def plan_check(args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
-    for name in ("compression", "pixel-map", "pixel-map-worker", "eval", "prefix-cache", "data-build",
+    for name in ("compression", "pixel-map", "pixel-map-worker", "eval", "prefix-cache", "chat", "data-build",
                  "data-build-worker", "train", "plan", "plan-step"):
         p = sub.add_parser(name)
         p.add_argument("--shots", type=int, default=4, help="normal exemplars before the query")
@@ -548,6 +593,9 @@ def main(argv=None) -> None:
             p.add_argument("--queries", type=int, default=32, help="queries of the one product")
             p.add_argument("--batch-size", type=int, default=4, help="queries per forward")
             p.add_argument("--shot-counts", type=int, nargs="+", default=[1, 2, 4], help="reference counts k")
+        if name == "chat":
+            p.add_argument("--turns", type=int, default=5, choices=range(2, 6), help="turns; the last is timed")
+            p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer (forced)")
         if name == "data-build":
             p.set_defaults(image_size=96)
             p.add_argument("--categories", type=int, default=4, help="categories of the 1x factory (10x: ten times)")
@@ -577,7 +625,7 @@ def main(argv=None) -> None:
         return data_build_worker(args)
     if args.bench == "plan-step":
         return plan_step_worker(args)
-    result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed, "prefix-cache": prefix_cache,
+    result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed, "prefix-cache": prefix_cache, "chat": chat_speed,
               "data-build": data_build, "train": train_speed, "plan": plan_check}[args.bench](args)
     print(json.dumps(result))
 

@@ -6,8 +6,9 @@
 On start the query is inspected once (`Inspector.inspect`: the image score and the pixel map), so
 the anomaly score is shown before any question, and `--heatmap` gets the map as an overlay. Then
 every line read is a question: the first user turn holds the references and the query image
-(the inspection prompt's layout), later turns are text only, and the whole history goes with every
-question (`iadgpt.dialogue`).
+(the inspection prompt's layout), later turns are text only. The conversation's key/value cache is
+kept between turns, so a question costs its own tokens and its answer's, not the history's
+(`iadgpt.dialogue.KeptConversation`).
 
 Output depends on who is on the other end:
   * stdin and stdout are a terminal: a "you> " prompt, and the answer streamed token by token;
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .data.samples import DataError, load_image
-from .dialogue import Dialogue, reply
+from .dialogue import Dialogue, KeptConversation
 from .model.checkpoint import DEVICE_HELP
 
 EXIT_COMMANDS = frozenset({"/exit", "/quit"})
@@ -58,6 +59,7 @@ class ChatSession:
         self.inspector = inspector
         self.dialogue = dialogue
         self.max_new_tokens = max_new_tokens
+        self.conversation = KeptConversation(inspector.model, inspector.processor, dialogue)
 
     def ask(self, question: str, stream_to: TextIO | None = None) -> str:
         """The model's answer to `question` given the history; streamed to `stream_to` if given."""
@@ -70,10 +72,9 @@ class ChatSession:
                     stream_to.write(text + ("\n" if stream_end else ""))
                     stream_to.flush()
 
-            streamer = _Streamer(self.inspector.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        [answer] = reply(self.inspector.model, self.inspector.processor, [self.dialogue], [question],
-                         max_new_tokens=self.max_new_tokens, streamer=streamer)
-        return answer
+            # only answer tokens reach it (continue_greedy), so none is skipped as the prompt
+            streamer = _Streamer(self.inspector.processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        return self.conversation.ask(question, max_new_tokens=self.max_new_tokens, streamer=streamer)
 
 
 def _load_images(paths: list[str]):

@@ -12,6 +12,7 @@ COMMANDS = {
     "make-synthetic": ("iadgpt.data.factory", "draw a synthetic industrial dataset (MVTec-AD layout, captions)"),
     "inspect": ("iadgpt.evaluation.inspect_cli", "score query images against normal references, write heatmaps"),
     "chat": ("iadgpt.chat", "talk with the model about a query image and its normal references"),
+    "product": ("iadgpt.product_cli", "store a product's reference images for a line, calibrate its threshold"),
     "plan": ("iadgpt.planning.cli", "GPU memory, tokens per sample and time of a training stage, before launching it"),
     "quickstart": ("iadgpt.quickstart", "train and evaluate the whole pipeline on synthetic products, on a CPU, "
                    "within a time budget"),

@@ -4,12 +4,14 @@ The first user turn is exactly the inspection prompt of `few_shot_messages` (nor
 optional abnormal references, the query image, then the first question), so a conversation starts
 from the layout the model was trained on; later user turns are text only, and every earlier answer
 is appended as an assistant turn before the next question. The images therefore appear once, in the
-first turn, and are re-encoded with each prompt (no cache is kept between turns: a turn is one
-`generate` call, which keeps batching across conversations simple).
+first turn.
 
-Replies of several conversations are generated in one left-padded batch, each conversation with its
-own references and history, with the same image roles as `Inspector.batch_inputs` (normal
-references compressible, the query never), so exemplar compression applies to chat too.
+Two ways to answer. `reply` answers several conversations in one left-padded batch, each with its
+own references and history, re-reading every prompt (one `generate` call per turn): what the
+reasoning benchmark does. `KeptConversation` answers one conversation and keeps its key/value cache
+between turns, so each question feeds only the new turn's tokens: what `iadgpt chat` does. Both use
+the same image roles as `Inspector.batch_inputs` (normal references compressible, the query
+never), so exemplar compression applies to chat too.
 """
 
 from __future__ import annotations
@@ -85,3 +87,71 @@ def reply(model, processor, dialogues: list[Dialogue], questions: list[str], max
     for dialogue, question, answer in zip(dialogues, questions, answers):
         dialogue.turns.append((question, answer))
     return answers
+
+
+class KeptConversation:
+    """One dialogue whose key/value cache is kept between turns.
+
+    The first question runs the whole first prompt (images included) once; the answer is decoded
+    greedily on its cache (`continue_greedy`). Every later question feeds only what the chat template
+    adds after the last answer (its end, the question, the assistant's start) on the same cache. The
+    model thus sees exactly the tokens it generated, where re-reading would re-tokenize the answer's
+    text. `ids` are all the tokens fed so far, uncompressed.
+    """
+
+    END_OF_TURN = "<|im_end|>"
+
+    def __init__(self, model, processor, dialogue: Dialogue):
+        self.model, self.processor, self.dialogue = model, processor, dialogue
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # the whole sequence's attention mask, fed tokens only
+        self.ids: torch.Tensor | None = None
+        self.first_inputs = None
+        self.unfed: int | None = None  # the last answer token: generated, not yet in the cache
+        self.state = None  # the model's cache state after this conversation's last step
+
+    def _next_turn_ids(self, question: str) -> list[int]:
+        """The tokens after the last answer's content that ask `question` (as the chat template renders
+        them), with the last answer token first when generation stopped before the end of turn."""
+        template = self.processor.apply_chat_template
+        messages = self.dialogue.messages(question)
+        whole = template(messages, tokenize=False, add_generation_prompt=True)
+        before = template(messages[:-1], tokenize=False)
+        cut = before.rindex(self.END_OF_TURN)
+        if whole[:cut] != before[:cut]:
+            raise RuntimeError("the chat template renders a conversation's history differently once it grows")
+        ids = self.processor.tokenizer(whole[cut:], add_special_tokens=False)["input_ids"]
+        end = self.processor.tokenizer.convert_tokens_to_ids(self.END_OF_TURN)
+        return ids if self.unfed == end else [self.unfed, *ids]
+
+    @torch.inference_mode()
+    def ask(self, question: str, max_new_tokens: int = 256, streamer=None,
+            stop_token_ids: list[int] | None = None) -> str:
+        """The greedy answer to `question`, appended to the dialogue's turns; streamed to `streamer`.
+        `stop_token_ids`: as `continue_greedy` ([] never stops early: benchmarks force the length).
+        Interrupted (KeyboardInterrupt), the conversation stays as it was before the question."""
+        model, device = self.model, self.model.device
+        kept = self.cache.get_seq_length() if self.cache is not None else 0
+        try:
+            if self.cache is None:
+                inputs = dialogue_inputs(self.processor, [self.dialogue], [question]).to(device)
+                out = model(**inputs, use_cache=True, logits_to_keep=1)
+                mask, ids, self.first_inputs = inputs["attention_mask"], inputs["input_ids"], inputs
+            else:
+                model.restore_cache_state(self.state)  # another prompt may have run in between
+                turn = torch.tensor([self._next_turn_ids(question)], device=device)
+                mask = torch.cat([self.mask, torch.ones_like(turn)], dim=1)
+                ids = torch.cat([self.ids, turn], dim=1)
+                out = model.forward_on_cache(turn, mask, self.cache)
+            tokens = model.continue_greedy(out, mask, max_new_tokens, stop_token_ids, streamer=streamer)
+        except KeyboardInterrupt:
+            if self.cache is not None and self.cache.get_seq_length() > kept:
+                self.cache.crop(kept - self.cache.get_seq_length())  # drop what this question fed
+            raise
+        fed = tokens[:, :-1]  # continue_greedy fed every token but the last
+        self.cache, self.unfed, self.state = out.cache, int(tokens[0, -1]), model.cache_state()
+        self.mask = torch.cat([mask, torch.ones_like(fed)], dim=1)
+        self.ids = torch.cat([ids, fed], dim=1)
+        answer = self.processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
+        self.dialogue.turns.append((question, answer))
+        return answer

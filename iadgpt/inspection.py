@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .data.samples import image_digest
 from .model.checkpoint import device_and_dtype, load_model, load_processor
 from .model.modeling_iadgpt import ROLE_EXEMPLAR, ROLE_OTHER, ROLE_QUERY
 from .model.prompts import few_shot_messages, generation_inputs, split_before_query
@@ -92,7 +93,7 @@ class Inspector:
                                                    max_new_tokens))
             return results
         # Queries of one reference set and one size share a prefix and a batch.
-        digests: dict[int, str] = {}
+        digests: dict = {}
         groups: OrderedDict[tuple, list[int]] = OrderedDict()
         for i, (query, refs, bad) in enumerate(zip(queries, normals, abnormal, strict=True)):
             key = (self._reference_key(refs, bad, digests), query.size)
@@ -121,17 +122,17 @@ class Inspector:
             conversations.append((self.prompt(len(refs), len(bad)), [*refs, *bad, query], roles))
         return generation_inputs(self.processor, conversations).to(self.model.device)
 
-    @staticmethod
-    def _reference_key(normals, abnormal, digests: dict[int, str]) -> str:
-        """A digest of the reference images' content (mode, size, pixels) and their roles."""
+    def _reference_key(self, normals, abnormal, digests: dict[int, str]) -> str:
+        """The cache key of a reference set: the model's weights (`parameter_digest`) and the reference
+        images' content, by role."""
         def digest(image) -> str:
             if id(image) not in digests:
-                h = hashlib.sha256(f"{image.mode}:{image.size}".encode())
-                h.update(image.tobytes())
-                digests[id(image)] = h.hexdigest()
+                digests[id(image)] = image_digest(image)
             return digests[id(image)]
 
-        return hashlib.sha256(" ".join(["normal", *map(digest, normals), "abnormal",
+        if "weights" not in digests:
+            digests["weights"] = parameter_digest(self.model)
+        return hashlib.sha256(" ".join([digests["weights"], "normal", *map(digest, normals), "abnormal",
                                         *map(digest, abnormal)]).encode()).hexdigest()
 
     def _reference_prefix(self, key: str, normals, abnormal):
@@ -189,6 +190,20 @@ class Inspector:
             results.append(InspectionResult(score=score, anomaly_map=full.cpu().numpy().astype(np.float32),
                                             token_map=token_map.float().cpu().numpy(), text=text))
         return results
+
+
+@torch.no_grad()
+def parameter_digest(model, samples: int = 64) -> str:
+    """A digest of a loaded model's weights: per parameter its name, shape and `samples` evenly strided
+    values. Cheap enough to take at every `inspect` call, so a reference set encoded by other weights
+    (the same model object, trained in between) is never reused."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)][:samples]
+        digest.update(f"{name}:{tuple(parameter.shape)}".encode())
+        digest.update(picked.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> Image.Image:

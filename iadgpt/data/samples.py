@@ -9,6 +9,7 @@ on bad data says which file to look at instead of a bare PIL traceback.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,13 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     Raises DataError naming the file when it is missing, not an image, corrupt or truncated.
     """
     return _to_8bit_rgb(_open_decoded(Path(path), "image"))
+
+
+def image_digest(image: Image.Image) -> str:
+    """A digest of an image's content (mode, size, pixels): a copy or a re-saved lossless file matches."""
+    digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def load_mask(path: str | os.PathLike[str], size: tuple[int, int] | None) -> np.ndarray:

@@ -1,11 +1,13 @@
 """`iadgpt inspect`: score query images against a few normal references, write scores and overlays.
 
     iadgpt inspect --model DIR --normals good/ --query 'line3/*.png' --out OUT [--threshold 0.5] [--device cuda:1]
+    iadgpt inspect --product bracket --query incoming/ --out OUT     # a stored product (`iadgpt product`)
 
 Writes `OUT/scores.csv` (path, score, label at the threshold, overlay file) and one heatmap overlay
 PNG per query in `OUT/overlays/`. The score is the model's probability that the query is defective
 (with the setting `residuals.image_score_map_weight`, fused with the map's maximum in logit space), so 0.5 is
-the neutral threshold; a line that wants fewer escapes lowers it. The overlay shows the
+the neutral threshold; a line that wants fewer escapes lowers it. A calibrated product brings its own
+threshold (`iadgpt product calibrate`); `--threshold` overrides it. The overlay shows the
 model's per-pixel probability as is (no per-image stretching, which would paint every defect-free
 part red somewhere). Rows are written as each batch finishes, so an interrupted run keeps what it
 scored. Paths may be files, folders (their image files, not recursive) or glob patterns.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import sys
 from pathlib import Path
 
 from ..data.samples import IMAGE_EXTENSIONS, DataError, load_image
@@ -25,14 +28,18 @@ __all__ = ["add_arguments", "expand_image_paths", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="checkpoint folder (iadgpt or Qwen2.5-VL)")
-    parser.add_argument("--normals", nargs="+", required=True, metavar="PATH",
+    parser.add_argument("--model", help="checkpoint folder (iadgpt or Qwen2.5-VL); with --product, its own")
+    parser.add_argument("--normals", nargs="+", metavar="PATH",
                         help="normal reference images of the product: files, folders or globs")
+    parser.add_argument("--product", help="a stored product (references, model, threshold) instead of "
+                                          "--normals / --model")
+    parser.add_argument("--products", help="products folder (default: $IADGPT_PRODUCTS, else ./products)")
     parser.add_argument("--query", nargs="+", required=True, metavar="PATH",
                         help="images to inspect: files, folders or globs")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="a query is labelled anomalous when its score is >= this (default 0.5)")
+    parser.add_argument("--threshold", type=float,
+                        help="a query is labelled anomalous when its score is >= this (default: the product's "
+                             "calibrated threshold, else 0.5)")
     parser.add_argument("--batch-size", type=int, default=4, help="queries per forward pass")
     from ..model.checkpoint import add_pixel_limit_arguments
 
@@ -73,6 +80,22 @@ def _overlay_names(paths: list[Path]) -> list[str]:
     return names
 
 
+_NOTED_SIZES: set = set()
+
+
+def _note_sizes(references, queries) -> None:
+    """Say once per pair of sizes when references and queries differ in size (allowed, and how it goes)."""
+    for reference in references:
+        for query in queries:
+            pair = (reference.size, query.size)
+            if reference.size != query.size and pair not in _NOTED_SIZES:
+                _NOTED_SIZES.add(pair)
+                print(f"note: a reference is {reference.size[0]}x{reference.size[1]} px and a query "
+                      f"{query.size[0]}x{query.size[1]} px; each image is resized on its own to multiples of 28 px "
+                      "within the processor's pixel limits, so their visual tokens cover different areas",
+                      file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Inspect every query; user errors (paths, images, model folder) exit with a message naming them."""
     from ..inspection import Inspector, heatmap_overlay
@@ -84,12 +107,29 @@ def run(args: argparse.Namespace) -> int:
         device, _ = device_and_dtype(args.device)
     except DeviceError as error:
         raise SystemExit(f"iadgpt inspect: --device: {error}") from error
+    abnormal: list = []
     try:
-        check_checkpoint(args.model)
-        normals = [load_image(path) for path in expand_image_paths(args.normals, "--normals")]
+        if args.product:
+            from ..products import ProductStore
+
+            if args.normals:
+                raise ValueError("--normals with --product: the product's own references are used")
+            product = ProductStore(args.products).get(args.product)
+            args.model = args.model or product.model
+            check_checkpoint(args.model)
+            product.check_model(args.model)
+            normals, abnormal = product.normal_images(), product.abnormal_images()
+            if args.threshold is None and product.threshold is not None:
+                args.threshold = product.threshold
+        elif not args.model or not args.normals:
+            raise ValueError("give --model and --normals, or --product")
+        else:
+            check_checkpoint(args.model)
+            normals = [load_image(path) for path in expand_image_paths(args.normals, "--normals")]
         queries = expand_image_paths(args.query, "--query")
     except (DataError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"iadgpt inspect: {error}") from error
+    args.threshold = 0.5 if args.threshold is None else args.threshold
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     try:
@@ -108,13 +148,15 @@ def run(args: argparse.Namespace) -> int:
                 images = [load_image(path) for path in batch]
             except DataError as error:
                 raise SystemExit(f"iadgpt inspect: {error}") from error
+            _note_sizes(normals, images)
             for path, image, name, result in zip(batch, images, names[start:], inspector.inspect(
-                    images, [normals] * len(images))):
+                    images, [normals] * len(images), [abnormal] * len(images))):
                 label = "anomalous" if result.score >= args.threshold else "normal"
                 flagged += label == "anomalous"
                 heatmap_overlay(image, result.anomaly_map).save(out / "overlays" / name)
                 writer.writerow([str(path), f"{result.score:.6f}", label, f"overlays/{name}"])
             stream.flush()
-    print(f"Inspected {len(queries)} image(s) against {len(normals)} normal reference(s): {flagged} anomalous at "
-          f"threshold {args.threshold}. Wrote {out / 'scores.csv'} and {out / 'overlays'}/")
+    source = f"product {args.product!r}" if args.product else f"{len(normals)} normal reference(s)"
+    print(f"Inspected {len(queries)} image(s) against {source}: {flagged} anomalous at "
+          f"threshold {args.threshold:g}. Wrote {out / 'scores.csv'} and {out / 'overlays'}/")
     return 0

@@ -413,14 +413,35 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                grid_thw=image_grid_thw if count else input_ids.new_zeros(0, 3), roles=roles,
                                encoded=encoded, shifted_exemplars=shifted, keep=keep, cache=out.cache)
 
+    def cache_state(self) -> tuple:
+        """What continuing on a kept cache needs besides it, which the forward that filled the cache left
+        on the model: the compacted prefix's mask (exemplar compression) and the prompt's rope deltas.
+        A caller that runs other prompts in between restores it with `restore_cache_state`."""
+        return self._compacted_prefix, self.model.rope_deltas
+
+    def restore_cache_state(self, state: tuple) -> None:
+        self._compacted_prefix, self.model.rope_deltas = state
+
+    def forward_on_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> IADGPTOutput:
+        """Text tokens `[B, n]` after a kept cache (a decoding step, a conversation's next turn):
+        `attention_mask` is the whole sequence's (uncompressed) mask, these tokens included, so their
+        positions continue the whole sequence's as generate() continues them (the M-RoPE rows offset
+        by the prompt's rope deltas, which the forward that filled the cache left on the model)."""
+        text = (attention_mask.long().cumsum(-1) - 1)[:, -input_ids.shape[1]:]
+        deltas = self.model.rope_deltas.to(text.device)
+        positions = torch.cat([text[None], (text + deltas)[None].expand(3, -1, -1)], dim=0)
+        return self(input_ids=input_ids, attention_mask=attention_mask, cache=cache, position_ids=positions,
+                    use_cache=True, logits_to_keep=1)
+
     @torch.no_grad()
     def continue_greedy(self, outputs: IADGPTOutput, attention_mask: torch.Tensor, max_new_tokens: int,
-                        stop_token_ids: list[int] | None = None) -> torch.Tensor:
+                        stop_token_ids: list[int] | None = None, streamer=None) -> torch.Tensor:
         """Greedy answer tokens `[B, n]` after a forward that kept its cache (`use_cache=True`), such as
         the scoring pass: the first from its last logits, each next one from a one-token step on the
-        cache, so the prompt is never run again. `attention_mask` is that forward's whole (uncompressed)
-        mask: positions continue from the whole sequence's, as generate() continues them. A sample
-        that reached a stop token is padded with it from then on.
+        cache (`forward_on_cache`), so the prompt is never run again. `attention_mask` is that forward's
+        whole (uncompressed) mask. A sample that reached a stop token (default: the generation
+        config's EOS) is padded with it from then on. `streamer` (a transformers streamer, one
+        sample) gets each token as it comes. The last token is not fed: the cache ends before it.
         """
         stop = stop_token_ids if stop_token_ids is not None else self.generation_config.eos_token_id
         stop = torch.tensor([stop] if isinstance(stop, int) else list(stop or []), device=attention_mask.device)
@@ -431,15 +452,15 @@ class IADGPTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         for step in range(max_new_tokens):
             token = torch.where(finished, tokens[-1] if tokens else token, token)
             tokens.append(token)
+            if streamer is not None:
+                streamer.put(token.cpu())
             finished |= torch.isin(token, stop)
             if finished.all() or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            text = (mask.long().cumsum(-1) - 1)[:, -1:]
-            deltas = self.model.rope_deltas.to(text.device)  # of the whole prompt, from the forward
-            positions = torch.cat([text[None], (text + deltas)[None].expand(3, -1, -1)], dim=0)
-            token = self(input_ids=token[:, None], attention_mask=mask, cache=cache, position_ids=positions,
-                         use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+            token = self.forward_on_cache(token[:, None], mask, cache).logits[:, -1].argmax(-1)
+        if streamer is not None:
+            streamer.end()
         return torch.stack(tokens, dim=1)
 
     def _after_prefix(self, prefix: ReferencePrefix, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None,

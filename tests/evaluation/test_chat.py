@@ -87,3 +87,64 @@ def test_unreadable_image_is_named(tiny_checkpoint, images, tmp_path):
         ["--model", str(tiny_checkpoint), "--normal", str(broken), "--query", str(images["query"])])
     with pytest.raises(SystemExit, match=f"iadgpt chat: {broken}: cannot decode"):
         chat.run(args, stdin=io.StringIO(""), stdout=io.StringIO())
+
+
+def kept_conversation(tiny_checkpoint, random_image):
+    from iadgpt.dialogue import Dialogue, KeptConversation
+    from iadgpt.inspection import Inspector
+
+    inspector = Inspector.from_pretrained(tiny_checkpoint)
+    dialogue = Dialogue(random_image(), [random_image(), random_image()])
+    return inspector, KeptConversation(inspector.model, inspector.processor, dialogue)
+
+
+def test_a_kept_conversation_answers_as_generate_on_every_token_it_fed(tiny_checkpoint, random_image):
+    """Turn 3's answer on the kept cache equals generate() run on the whole sequence of tokens the
+    conversation fed (the first prompt's images included), compression on."""
+    import torch
+
+    inspector, conversation = kept_conversation(tiny_checkpoint, random_image)
+    conversation.ask("Is there a defect?", max_new_tokens=6)
+    conversation.ask("Where is it?", max_new_tokens=6)
+    fed_before = conversation.ids.shape[1] + len(conversation._next_turn_ids("What caused it?"))
+    answer = conversation.ask("What caused it?", max_new_tokens=6)
+    answer_tokens = conversation.ids[0, fed_before:].tolist() + [conversation.unfed]
+    first = conversation.first_inputs
+    whole = conversation.ids[:, :fed_before]
+    types = torch.nn.functional.pad(first["mm_token_type_ids"], (0, whole.shape[1] - first["input_ids"].shape[1]))
+    with torch.no_grad():
+        reference = inspector.model.generate(
+            input_ids=whole, attention_mask=torch.ones_like(whole), pixel_values=first["pixel_values"],
+            image_grid_thw=first["image_grid_thw"], mm_token_type_ids=types, image_roles=first["image_roles"],
+            max_new_tokens=6, do_sample=False)
+    assert reference[0, whole.shape[1]:].tolist() == answer_tokens
+    assert answer == inspector.processor.decode(answer_tokens, skip_special_tokens=True).strip()
+    assert [q for q, _ in conversation.dialogue.turns] == ["Is there a defect?", "Where is it?", "What caused it?"]
+
+
+def test_an_interrupted_answer_leaves_the_conversation_as_it_was(tiny_checkpoint, random_image):
+    class StopAfterTwo:
+        def __init__(self):
+            self.seen = 0
+
+        def put(self, token):
+            self.seen += 1
+            if self.seen == 2:
+                raise KeyboardInterrupt
+
+        def end(self):
+            pass
+
+    inspector, conversation = kept_conversation(tiny_checkpoint, random_image)
+    conversation.ask("Is there a defect?", max_new_tokens=5)
+    length = conversation.cache.get_seq_length()
+    with pytest.raises(KeyboardInterrupt):
+        conversation.ask("Where is it?", max_new_tokens=5, streamer=StopAfterTwo())
+    assert conversation.cache.get_seq_length() == length and len(conversation.dialogue.turns) == 1
+    inspector.inspect([random_image()], [[random_image()]])  # another prompt in between
+    after = conversation.ask("Where is it?", max_new_tokens=5)
+
+    _, uninterrupted = kept_conversation(tiny_checkpoint, random_image)
+    uninterrupted.dialogue.query, uninterrupted.dialogue.normals = conversation.dialogue.query, conversation.dialogue.normals
+    uninterrupted.ask("Is there a defect?", max_new_tokens=5)
+    assert uninterrupted.ask("Where is it?", max_new_tokens=5) == after

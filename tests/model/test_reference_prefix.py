@@ -164,3 +164,18 @@ def test_greedy_continuation_pads_a_finished_sample_with_its_stop_token(tiny_che
     assert stopped[0].tolist() == [int(free[0, 0])] + [stop] * 4
     if stop not in free[1].tolist():
         assert torch.equal(stopped[1], free[1])
+
+
+def test_a_reference_set_encoded_by_other_weights_is_not_reused(tiny_checkpoint, random_image):
+    """The cache key holds the weights: the same model object changed in place (trained) encodes the
+    references again and scores as whole prompts do with the new weights."""
+    cached = Inspector.from_pretrained(tiny_checkpoint, batch_size=4)
+    whole = Inspector(cached.model, cached.processor, batch_size=4, reference_cache_size=0)
+    normals, queries = [random_image(), random_image()], [random_image(), random_image()]
+    before = cached.inspect(queries, [normals] * 2)
+    with torch.no_grad():
+        cached.model.model.language_model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    after, reference = cached.inspect(queries, [normals] * 2), whole.inspect(queries, [normals] * 2)
+    assert len(cached._prefixes) == 2
+    assert max(abs(a.score - b.score) for a, b in zip(after, reference)) < 1e-4
+    assert max(abs(a.score - b.score) for a, b in zip(after, before)) > 1e-6
