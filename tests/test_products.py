@@ -56,6 +56,13 @@ def test_add_calibrate_inspect_and_remove_a_product(tiny_checkpoint, line, tmp_p
     for row in rows:
         assert row["label"] == ("anomalous" if float(row["score"]) >= calibrated.threshold else "normal")
     assert f"threshold {calibrated.threshold:g}" in capsys.readouterr().out
+    # references of another size than a query: allowed, and said how they are resized
+    (tmp_path / "small").mkdir()
+    Image.new("RGB", (84, 84), "gray").save(tmp_path / "small" / "q.png")
+    main(["inspect", "--product", "bracket", "--products", str(products), "--query", str(tmp_path / "small"),
+          "--out", str(tmp_path / "out_small")])
+    assert "note: a reference is 112x112 px and a query 84x84 px; each image is resized on its own" in \
+        capsys.readouterr().err
 
     # with defects: the F1-max threshold, and the miss rate
     product("calibrate", "bracket", "--normals", line["held_out"], "--defects", line["bad"], "--products", products)
