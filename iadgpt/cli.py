@@ -13,6 +13,7 @@ COMMANDS = {
     "inspect": ("iadgpt.evaluation.inspect_cli", "score query images against normal references, write heatmaps"),
     "chat": ("iadgpt.chat", "talk with the model about a query image and its normal references"),
     "product": ("iadgpt.product_cli", "store a product's reference images for a line, calibrate its threshold"),
+    "serve": ("iadgpt.serving.cli", "the HTTP inspection service (FastAPI): inspect, products, metrics"),
     "plan": ("iadgpt.planning.cli", "GPU memory, tokens per sample and time of a training stage, before launching it"),
     "quickstart": ("iadgpt.quickstart", "train and evaluate the whole pipeline on synthetic products, on a CPU, "
                    "within a time budget"),

@@ -58,6 +58,8 @@ class Inspector:
         self.question = question or model.iadgpt.detection_question
         self.reference_cache_size = reference_cache_size
         self._prefixes: OrderedDict[str, object] = OrderedDict()
+        self.reference_cache_hits = 0
+        self.reference_cache_misses = 0
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, dtype=None,
@@ -140,7 +142,9 @@ class Inspector:
         now (and cached)."""
         if key in self._prefixes:
             self._prefixes.move_to_end(key)
+            self.reference_cache_hits += 1
             return self._prefixes[key]
+        self.reference_cache_misses += 1
         head, tail = split_before_query(self.processor.apply_chat_template(
             self.prompt(len(normals), len(abnormal)), tokenize=False, add_generation_prompt=True))
         images = [image.convert("RGB") for image in [*normals, *abnormal]]

@@ -20,8 +20,7 @@ import json
 
 from .data.samples import DataError, load_image
 from .model.checkpoint import DEVICE_HELP
-from .products import (ProductError, ProductStore, calibrate, minimum_normals, overlapping_references,
-                       score_histogram)
+from .products import ProductError, ProductStore, calibrate_product, minimum_normals
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -110,33 +109,21 @@ def _calibrate(store: ProductStore, args) -> int:
     product = store.get(args.name)
     normal_paths = expand_image_paths(args.normals, "--normals")
     defect_paths = expand_image_paths(args.defects, "--defects") if args.defects else []
-    if not defect_paths and len(normal_paths) < minimum_normals(args.target_fpr):
+    if not defect_paths and len(normal_paths) < minimum_normals(args.target_fpr):  # before loading anything
         raise ProductError(f"{len(normal_paths)} held-out normal image(s) cannot show a false-alarm rate of "
                            f"{args.target_fpr:g}: it takes at least {minimum_normals(args.target_fpr)}. Add normals, "
                            "raise --target-fpr, or give --defects to calibrate at F1-max.")
-    images = {str(path): load_image(path) for path in [*normal_paths, *defect_paths]}
-    overlap = overlapping_references(product, images)
-    if overlap:
-        raise ProductError(f"{len(overlap)} calibration image(s) are the product's own references, which would make "
-                           f"the false-alarm rate look better than it is: {', '.join(overlap[:5])}")
+    normals = {str(path): load_image(path) for path in normal_paths}
+    defects = {str(path): load_image(path) for path in defect_paths}
     try:
         device, _ = device_and_dtype(args.device)
     except DeviceError as error:
         raise ProductError(f"--device: {error}") from error
     product.check_model(product.model)
     inspector = Inspector.from_pretrained(product.model, device=device, batch_size=args.batch_size)
-    normals, abnormal = product.normal_images(), product.abnormal_images()
-    paths = list(images)
-    results = inspector.inspect([images[p] for p in paths], [normals] * len(paths), [abnormal] * len(paths))
-    scores = {path: result.score for path, result in zip(paths, results)}
-    normal_scores = [scores[str(p)] for p in normal_paths]
-    defect_scores = [scores[str(p)] for p in defect_paths]
-    calibration = calibrate(product, normal_scores, defect_scores or None, args.target_fpr)
-    rows = [(str(p), "normal", scores[str(p)]) for p in normal_paths] + \
-        [(str(p), "defect", scores[str(p)]) for p in defect_paths]
-    store.save_calibration(product, calibration, rows,
-                           score_histogram(normal_scores, defect_scores, calibration.threshold))
-    miss = "" if calibration.miss_rate is None else f", miss rate {calibration.miss_rate:.4f} on {len(defect_paths)} defects"
+    calibration = calibrate_product(store, product, inspector, normals, defects, args.target_fpr)
+    miss = "" if calibration.miss_rate is None else \
+        f", miss rate {calibration.miss_rate:.4f} on {len(defect_paths)} defects"
     print(f"Calibrated {product.name!r} ({calibration.method}): threshold {calibration.threshold:.6f}; false-alarm rate "
           f"{calibration.false_alarm_rate:.4f} on {len(normal_paths)} held-out normals{miss}. Scores and histogram "
           f"in {product.folder / 'calibration'}/")

@@ -38,6 +38,14 @@ class ProductError(ValueError):
     """A product that cannot be made, found or used as asked; the message says why."""
 
 
+class ProductNotFound(ProductError):
+    """No product of that name."""
+
+
+class ProductExists(ProductError):
+    """A product of that name exists and replacing it was not asked for."""
+
+
 def products_folder(given: str | os.PathLike | None = None) -> Path:
     """`given`, else $IADGPT_PRODUCTS, else ./products."""
     return Path(given or os.environ.get(ENVIRONMENT) or "products").expanduser()
@@ -157,7 +165,7 @@ class ProductStore:
         folder = self.path(name)
         if not folder.is_dir():
             known = ", ".join(self.names()) or "none"
-            raise ProductError(f"no product {name!r} in {self.folder} (products there: {known})")
+            raise ProductNotFound(f"no product {name!r} in {self.folder} (products there: {known})")
         manifest = folder / "product.json"
         if not manifest.is_file():
             raise ProductError(f"{folder} has no product.json: not a product folder")
@@ -175,14 +183,15 @@ class ProductStore:
     def list(self) -> list[Product]:
         return [self.get(name) for name in self.names()]
 
-    def add(self, name: str, model: str | os.PathLike, normals: list[Path], abnormal: list[Path] = (),
+    def add(self, name: str, model: str | os.PathLike, normals: list, abnormal: list = (),
             question: str | None = None, overwrite: bool = False) -> Product:
-        """Store a product: its reference images copied in, the model's digest, the question."""
+        """Store a product: its reference images (paths, or (name, PIL image) pairs) copied in, the
+        model's digest, the question."""
         from .model.settings import DetectionQuestion
 
         target = self.path(name)
         if target.exists() and not overwrite:
-            raise ProductError(f"product {name!r} already exists in {self.folder}: pass --overwrite to replace it")
+            raise ProductExists(f"product {name!r} already exists in {self.folder}: pass --overwrite to replace it")
         if not normals:
             raise ProductError("a product needs at least one normal reference image")
         digest = checkpoint_digest(model)
@@ -193,8 +202,9 @@ class ProductStore:
             stored = {}
             for kind, paths in (("normals", normals), ("abnormal", abnormal)):
                 stored[kind] = []
-                for index, path in enumerate(paths):
-                    image = load_image(path)  # a corrupt image is refused here, naming the file
+                for index, item in enumerate(paths):
+                    # a corrupt image is refused here, naming the file
+                    path, image = item if isinstance(item, tuple) else (item, load_image(item))
                     relative = f"{kind}/{index:03d}_{Path(path).stem}.png"
                     (staging / kind).mkdir(exist_ok=True)
                     image.save(staging / relative)
@@ -330,12 +340,40 @@ def score_histogram(normal_scores, defect_scores, threshold: float, bins: int = 
     return image.convert("RGB")
 
 
+def calibrate_product(store: ProductStore, product: Product, inspector, normals: dict[str, Image.Image],
+                      defects: dict[str, Image.Image] | None = None, target_fpr: float = 0.01) -> Calibration:
+    """Score held-out images (by name) with `inspector` against the product's references, set the
+    threshold (`calibrate`) and store it with its files. Refuses images that are references and,
+    without defects, fewer normals than the rate needs, before any scoring."""
+    defects = defects or {}
+    if not defects and len(normals) < minimum_normals(target_fpr):
+        raise ProductError(f"{len(normals)} held-out normal image(s) cannot show a false-alarm rate of "
+                           f"{target_fpr:g}: it takes at least {minimum_normals(target_fpr)}. Add normals, "
+                           "raise --target-fpr, or give --defects to calibrate at F1-max.")
+    overlap = overlapping_references(product, {**normals, **defects})
+    if overlap:
+        raise ProductError(f"{len(overlap)} calibration image(s) are the product's own references, which would make "
+                           f"the false-alarm rate look better than it is: {', '.join(overlap[:5])}")
+    references, abnormal = product.normal_images(), product.abnormal_images()
+    names = [*normals, *defects]
+    images = [*normals.values(), *defects.values()]
+    results = inspector.inspect(images, [references] * len(images), [abnormal] * len(images))
+    scores = dict(zip(names, (r.score for r in results)))
+    normal_scores, defect_scores = [scores[n] for n in normals], [scores[n] for n in defects]
+    calibration = calibrate(product, normal_scores, defect_scores or None, target_fpr)
+    rows = [(n, "normal", scores[n]) for n in normals] + [(n, "defect", scores[n]) for n in defects]
+    store.save_calibration(product, calibration, rows, score_histogram(normal_scores, defect_scores,
+                                                                        calibration.threshold))
+    return calibration
+
+
 def overlapping_references(product: Product, images: dict[str, Image.Image]) -> list[str]:
     """The paths among `images` whose content is one of the product's reference images."""
     references = {image_digest(image) for image in [*product.normal_images(), *product.abnormal_images()]}
     return [path for path, image in images.items() if image_digest(image) in references]
 
 
-__all__ = ["Calibration", "Product", "ProductError", "ProductStore", "calibrate", "checkpoint_digest",
+__all__ = ["Calibration", "Product", "ProductError", "ProductStore", "calibrate", "calibrate_product",
+           "checkpoint_digest",
            "minimum_normals", "overlapping_references", "products_folder", "score_histogram",
            "threshold_at_f1_max", "threshold_at_false_alarm_rate"]
