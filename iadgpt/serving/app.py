@@ -5,6 +5,7 @@
     POST   /v1/products                  create one from uploaded reference images (multipart)
     DELETE /v1/products/NAME
     POST   /v1/products/NAME/calibrate   set its threshold from uploaded held-out images (multipart)
+    POST   /v1/chat/completions          OpenAI-compatible chat about a query image (streams with stream=true)
     GET    /healthz, GET /metrics (Prometheus text), GET /docs (OpenAPI)
 
 The products are the same files `iadgpt product` writes (`iadgpt.products`). Queries that arrive
@@ -419,4 +420,110 @@ def create_app(settings: ServeSettings, inspector=None):
         return {"name": name, "calibration": summary(store.get(name))["calibration"],
                 "threshold": calibration.threshold}
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        """OpenAI-compatible. Images come as `image_url` data URLs in the user messages: the last image is
+        the query, the earlier ones its normal references, or the references are a product's when the
+        request names one in the extra field `product`. Earlier user / assistant turns are the history;
+        the answer is greedy (`max_tokens`, default 256); `stream: true` sends server-sent events."""
+        import json
+        import uuid
+
+        from fastapi.responses import StreamingResponse
+
+        from ..dialogue import reply
+
+        try:
+            body = json.loads(await body_bytes(request) or b"{}")
+        except json.JSONDecodeError as error:
+            raise RequestError(422, f"the body is not valid JSON: {error}") from None
+        dialogue, question = conversation_from_messages(body.get("messages"), settings.max_image_pixels,
+                                                        settings.max_queries)
+        if body.get("product"):
+            if dialogue.normals:
+                raise RequestError(422, "give a product or reference images, not both")
+            product = product_for_request(str(body["product"]))
+            dialogue.normals, dialogue.abnormal = product.normal_images(), product.abnormal_images()
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
+        inspector, worker = state["inspector"], state["batcher"].worker
+        loop = asyncio.get_running_loop()
+        ident, created, model_name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.get("model") or "iadgpt"
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
+                                          "model": model_name, "choices": [{"index": 0, "delta": delta,
+                                                                            "finish_reason": finish}]}) + "\n\n"
+
+        if not body.get("stream"):
+            [answer] = await loop.run_in_executor(worker, lambda: reply(
+                inspector.model, inspector.processor, [dialogue], [question], max_new_tokens=max_tokens))
+            return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                 "finish_reason": "stop"}]}
+
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(inspector.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=600)
+        done = loop.run_in_executor(worker, lambda: reply(inspector.model, inspector.processor, [dialogue],
+                                                          [question], max_new_tokens=max_tokens, streamer=streamer))
+
+        async def events():
+            yield chunk({"role": "assistant"})
+            pieces = iter(streamer)
+            while True:
+                piece = await loop.run_in_executor(None, next, pieces, None)
+                if piece is None:
+                    break
+                if piece:
+                    yield chunk({"content": piece})
+            await done
+            yield chunk({}, "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     return app
+
+
+def conversation_from_messages(messages, max_pixels: int, max_images: int):
+    """(Dialogue, last question) from OpenAI chat messages: the images (data URLs) of the user messages
+    in order, the last the query; text turns alternate user / assistant, and the last is the user's."""
+    from ..dialogue import Dialogue
+
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(422, "messages: a non-empty list of chat messages is required")
+    images, turns = [], []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(422, f"messages[{index}]: expected a role of system, user or assistant")
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        texts = []
+        for part_index, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(str(part.get("text", "")))
+            elif kind == "image_url" and message["role"] == "user":
+                url = (part.get("image_url") or {}).get("url", "")
+                if not url.startswith("data:"):
+                    raise RequestError(422, f"messages[{index}].content[{part_index}]: images must be data URLs "
+                                            "(data:image/png;base64,...); the service fetches nothing")
+                images.append(decode_base64_image(url, f"messages[{index}].content[{part_index}]", max_pixels))
+            else:
+                raise RequestError(422, f"messages[{index}].content[{part_index}]: unsupported part {kind!r}")
+        if message["role"] != "system":
+            turns.append((message["role"], " ".join(t for t in texts if t)))
+    if not images:
+        raise RequestError(422, "messages: no image; the last image of the user messages is the query")
+    if len(images) > max_images + 1:
+        raise RequestError(413, f"{len(images)} images is over the limit of {max_images + 1} (max_queries + 1)")
+    if not turns or turns[-1][0] != "user":
+        raise RequestError(422, "messages: the last message must be the user's question")
+    users = [text for role, text in turns if role == "user"]
+    assistants = [text for role, text in turns if role == "assistant"]
+    if len(assistants) != len(users) - 1:
+        raise RequestError(422, "messages: user and assistant turns must alternate, starting and ending with the user")
+    dialogue = Dialogue(images[-1], images[:-1])
+    dialogue.turns = list(zip(users[:-1], assistants))
+    return dialogue, users[-1]

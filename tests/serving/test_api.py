@@ -141,3 +141,58 @@ def test_concurrent_requests_share_a_forward_pass(client_for, random_image):
     metrics = client.get("/metrics").text
     batches = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("iadgpt_batch_size_count")))
     assert batches < 4  # fewer forward passes than requests
+
+
+def data_url(image) -> str:
+    return "data:image/png;base64," + b64(image)
+
+
+def test_openai_compatible_chat_answers_as_the_dialogue_does_and_streams(client_for, random_image, tiny_checkpoint):
+    import json
+
+    from iadgpt.dialogue import Dialogue, reply
+    from iadgpt.inspection import Inspector
+
+    client = client_for()
+    normal, query = random_image(), random_image()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(normal)}},
+                                             {"type": "image_url", "image_url": {"url": data_url(query)}},
+                                             {"type": "text", "text": "Is there a defect?"}]},
+                {"role": "assistant", "content": "Yes."},
+                {"role": "user", "content": "Where is it?"}]
+    answer = client.post("/v1/chat/completions", json={"model": "iadgpt", "messages": messages, "max_tokens": 6})
+    assert answer.status_code == 200, answer.text
+    text = answer.json()["choices"][0]["message"]["content"]
+    inspector = Inspector.from_pretrained(tiny_checkpoint)
+    dialogue = Dialogue(query, [normal])
+    dialogue.turns = [("Is there a defect?", "Yes.")]
+    assert text == reply(inspector.model, inspector.processor, [dialogue], ["Where is it?"], max_new_tokens=6)[0]
+
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": messages, "max_tokens": 6, "stream": True}) as events:
+        lines = [line for line in events.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert streamed.strip() == text
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "Is there a defect?"}], "no image"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}],
+     "images must be data URLs"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "IMAGE"}}]},
+      {"role": "assistant", "content": "Yes."}], "the last message must be the user's question"),
+    ([], "a non-empty list"),
+])
+def test_chat_refuses_malformed_conversations(client_for, random_image, messages, message):
+    client = client_for()
+    for m in messages:
+        if isinstance(m["content"], list):
+            for part in m["content"]:
+                if part["image_url"]["url"] == "IMAGE":
+                    part["image_url"]["url"] = data_url(random_image())
+    answer = client.post("/v1/chat/completions", json={"messages": messages})
+    assert answer.status_code == 422 and message in answer.json()["error"]
