@@ -7,6 +7,7 @@
     POST   /v1/products/NAME/calibrate   set its threshold from uploaded held-out images (multipart)
     POST   /v1/chat/completions          OpenAI-compatible chat about a query image (streams with stream=true)
     GET    /healthz, GET /metrics (Prometheus text), GET /docs (OpenAPI)
+    GET    /ui                           the web demo: pick or create a product, inspect a part, chat about it
 
 The products are the same files `iadgpt product` writes (`iadgpt.products`). Queries that arrive
 within `max_wait_ms` of each other share one forward pass (`MicroBatcher`): the inspector groups them
@@ -27,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -286,6 +288,12 @@ def create_app(settings: ServeSettings, inspector=None):
             raise RequestError(409, f"product {name!r} was made with other weights ({product.model}) than this "
                                     f"service's model ({settings.model}): re-create it for this model")
         return product
+
+    @app.get("/ui")
+    async def demo():
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse((Path(__file__).parent / "static" / "demo.html").read_text(encoding="utf-8"))
 
     @app.get("/healthz")
     async def healthz():
