@@ -5,6 +5,7 @@
     python eval/speed.py eval          # batched single-pass scoring vs generating the answer text
     python eval/speed.py prefix-cache  # one product's queries with its references encoded once vs every time
     python eval/speed.py chat          # a conversation's 5th turn on its kept cache vs re-reading it all
+    python eval/speed.py serve         # `iadgpt serve` under concurrent clients, micro-batched vs not
     python eval/speed.py data-build    # stage-2 records/s, and peak memory of a 10x larger build
     python eval/speed.py train         # training samples/s, 1 vs 2 CPU processes under DeepSpeed
     python eval/speed.py plan          # `iadgpt plan`'s memory parts vs the tensors of real training steps
@@ -278,6 +279,88 @@ def chat_speed(args) -> dict:
           f"{args.image_size} px images), {args.max_new_tokens}-token answers: kept cache {best['kept']:.3f} s, "
           f"re-reading {best['reread']:.3f} s (fastest of {args.repeats})")
     return {"bench": "chat", "turns": len(questions), "turn5_speedup": round(best["reread"] / best["kept"], 3)}
+
+
+def serve_load(args) -> dict:
+    """`iadgpt serve` on 127.0.0.1 (tiny preset, a 4-shot product), `--clients` threads each sending one
+    query after another for `--seconds`, against a server that micro-batches (`--max-batch 8`) and one
+    that does not (`--max-batch 1`), one after the other. Reports requests/s of both, their ratio, the
+    batched run's p99 latency, errors, and how much the batched server's resident memory grew from the
+    end of a warm-up to the end of the run."""
+    import base64
+    import io
+    import threading
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serving"))
+    from service_process import free_port, start
+
+    rng = np.random.default_rng(0)
+    *normals, query = bench_images(args.shots + 1, args.image_size, rng)
+
+    def png(image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    body = {"product": "bench", "images": [base64.b64encode(png(query)).decode()]}
+
+    def rss(pid: int) -> int:
+        text = Path(f"/proc/{pid}/status").read_text()
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith("VmRSS"))) * 1024
+
+    def load(url: str, seconds: float) -> tuple[list[float], int]:
+        latencies, errors, stop = [], [0], time.perf_counter() + seconds
+
+        def client():
+            with httpx.Client(timeout=60) as session:
+                while time.perf_counter() < stop:
+                    start_time = time.perf_counter()
+                    try:
+                        ok = session.post(f"{url}/v1/inspect", json=body).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    if ok:
+                        latencies.append(time.perf_counter() - start_time)
+                    else:
+                        errors[0] += 1
+
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return latencies, errors[0]
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = init_model(Path(tmp) / "tiny", "tiny")
+        for name, batch in (("batched", 8), ("unbatched", 1)):
+            port = free_port()
+            server = start(ckpt, Path(tmp) / "products", port, "--max-batch", batch, "--max-wait-ms", args.max_wait_ms)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                if name == "batched":
+                    httpx.post(f"{url}/v1/products", data={"name": "bench"}, timeout=60,
+                               files=[("normals", (f"{i}.png", png(n), "image/png")) for i, n in enumerate(normals)])
+                load(url, 3.0)  # warm-up
+                before = rss(server.pid)
+                latencies, errors = load(url, args.seconds)
+                results[name] = {"rate": len(latencies) / args.seconds, "errors": errors,
+                                 "p99": float(np.percentile(latencies, 99)) if latencies else float("nan"),
+                                 "rss_growth": rss(server.pid) / before - 1}
+            finally:
+                server.kill()
+                server.wait(timeout=30)
+    for name, r in results.items():
+        print(f"{name}: {r['rate']:.1f} requests/s over {args.seconds:g} s with {args.clients} clients, p99 "
+              f"{1000 * r['p99']:.0f} ms, {r['errors']} errors, resident memory {100 * r['rss_growth']:+.1f} %")
+    batched, unbatched = results["batched"], results["unbatched"]
+    return {"bench": "serve", "clients": args.clients, "requests_per_s_batched": round(batched["rate"], 2),
+            "requests_per_s_unbatched": round(unbatched["rate"], 2),
+            "batching_gain": round(batched["rate"] / unbatched["rate"], 3), "p99_ms": round(1000 * batched["p99"], 1),
+            "errors": batched["errors"] + unbatched["errors"], "rss_growth": round(batched["rss_growth"], 4)}
 
 
 def data_build(args) -> dict:
@@ -570,8 +653,8 @@ def plan_check(args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
-    for name in ("compression", "pixel-map", "pixel-map-worker", "eval", "prefix-cache", "chat", "data-build",
-                 "data-build-worker", "train", "plan", "plan-step"):
+    for name in ("compression", "pixel-map", "pixel-map-worker", "eval", "prefix-cache", "chat", "serve",
+                 "data-build", "data-build-worker", "train", "plan", "plan-step"):
         p = sub.add_parser(name)
         p.add_argument("--shots", type=int, default=4, help="normal exemplars before the query")
         p.add_argument("--image-size", type=int, default=504, help="image side in pixels (504 -> 324 tokens)")
@@ -596,6 +679,11 @@ def main(argv=None) -> None:
         if name == "chat":
             p.add_argument("--turns", type=int, default=5, choices=range(2, 6), help="turns; the last is timed")
             p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer (forced)")
+        if name == "serve":
+            p.set_defaults(image_size=112)
+            p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+            p.add_argument("--seconds", type=float, default=20.0, help="length of each timed run")
+            p.add_argument("--max-wait-ms", type=float, default=5.0, help="the batched server's wait for company")
         if name == "data-build":
             p.set_defaults(image_size=96)
             p.add_argument("--categories", type=int, default=4, help="categories of the 1x factory (10x: ten times)")
@@ -625,7 +713,7 @@ def main(argv=None) -> None:
         return data_build_worker(args)
     if args.bench == "plan-step":
         return plan_step_worker(args)
-    result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed, "prefix-cache": prefix_cache, "chat": chat_speed,
+    result = {"compression": compression, "pixel-map": pixel_map, "eval": eval_speed, "prefix-cache": prefix_cache, "chat": chat_speed, "serve": serve_load,
               "data-build": data_build, "train": train_speed, "plan": plan_check}[args.bench](args)
     print(json.dumps(result))
 

@@ -289,6 +289,15 @@ def create_app(settings: ServeSettings, inspector=None):
                                     f"service's model ({settings.model}): re-create it for this model")
         return product
 
+    def product_images(product) -> tuple[list, list]:
+        """The product's reference images, decoded once per version of its product.json."""
+        version = (product.folder / "product.json").stat().st_mtime_ns
+        cached = state.setdefault("images", {}).get(product.name)
+        if cached is None or cached[0] != version:
+            cached = (version, product.normal_images(), product.abnormal_images())
+            state["images"][product.name] = cached
+        return cached[1], cached[2]
+
     @app.get("/ui")
     async def demo():
         from fastapi.responses import HTMLResponse
@@ -354,7 +363,7 @@ def create_app(settings: ServeSettings, inspector=None):
             if normals or abnormal:
                 raise RequestError(422, "give a product or inline references (normals), not both")
             product = product_for_request(str(product_name))
-            normals, abnormal = product.normal_images(), product.abnormal_images()
+            normals, abnormal = product_images(product)
         try:
             threshold = product.threshold if product is not None and product.threshold is not None else \
                 float(threshold if threshold is not None else 0.5)
@@ -451,7 +460,7 @@ def create_app(settings: ServeSettings, inspector=None):
             if dialogue.normals:
                 raise RequestError(422, "give a product or reference images, not both")
             product = product_for_request(str(body["product"]))
-            dialogue.normals, dialogue.abnormal = product.normal_images(), product.abnormal_images()
+            dialogue.normals, dialogue.abnormal = product_images(product)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
         inspector, worker = state["inspector"], state["batcher"].worker
         loop = asyncio.get_running_loop()
