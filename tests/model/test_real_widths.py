@@ -193,7 +193,11 @@ def test_inspection_at_7b_width(tmp_path):
 
     queries = [image(224, 224), image(230, 290)]
     normals = [[image(224, 224), image(224, 224)], [image(230, 290), image(196, 252)]]
-    results = inspector.inspect(queries, normals)
+    # whole prompts (the reference cache off), as generate() reads them
+    results = Inspector(model, processor, batch_size=2, reference_cache_size=0).inspect(queries, normals)
+    # the reference cache splits the computation: in bf16 that moves the score by bf16 rounding only
+    cached = inspector.inspect(queries, normals)
+    assert max(abs(a.score - b.score) for a, b in zip(cached, results)) < 1e-2
     for query, result in zip(queries, results):
         height, width = smart_resize(query.height, query.width, 28, 3136, 12845056)
         assert result.token_map.shape == (height // 28, width // 28)
@@ -229,3 +233,11 @@ def test_inspection_at_7b_width(tmp_path):
         reference = torch.stack([eager.attentions[n - 1][b][:, rows][:, :, query].float().mean(dim=(0, 1))
                                  for n in model.iadgpt.attention_map_layers]).mean(0)
         torch.testing.assert_close(out.anomaly_maps[b].flatten().float(), reference, atol=1e-4, rtol=2e-2)
+
+    # In fp32 the reference cache gives the whole prompts' scores and maps at these widths too.
+    del inspector, model, eager, out
+    exact = Inspector.from_pretrained(checkpoint, dtype=torch.float32, batch_size=2)
+    cached = exact.inspect(queries, normals)
+    whole = Inspector(exact.model, exact.processor, batch_size=2, reference_cache_size=0).inspect(queries, normals)
+    for a, b in zip(cached, whole):
+        assert abs(a.score - b.score) < 1e-4 and np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-4
