@@ -196,3 +196,21 @@ def test_chat_refuses_malformed_conversations(client_for, random_image, messages
                     part["image_url"]["url"] = data_url(random_image())
     answer = client.post("/v1/chat/completions", json={"messages": messages})
     assert answer.status_code == 422 and message in answer.json()["error"]
+
+
+def test_a_product_of_other_weights_is_refused_and_the_docs_are_served(client_for, random_image, tmp_path):
+    from iadgpt.model import init_model
+    from iadgpt.products import ProductStore
+
+    client = client_for()
+    other = init_model(tmp_path / "other", "tiny", seed=1)
+    reference = tmp_path / "ref.png"
+    random_image().save(reference)
+    ProductStore(tmp_path / "products").add("elsewhere", other, [reference])
+    answer = client.post("/v1/inspect", json={"product": "elsewhere", "images": [b64(random_image())]})
+    assert answer.status_code == 409 and "made with other weights" in answer.json()["error"]
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/inspect", "/v1/products", "/v1/products/{name}", "/v1/products/{name}/calibrate",
+            "/v1/chat/completions", "/healthz", "/metrics", "/ui"} <= set(paths)
+    assert "iadgpt inspection demo" in client.get("/ui").text
