@@ -284,9 +284,10 @@ def chat_speed(args) -> dict:
 def serve_load(args) -> dict:
     """`iadgpt serve` on 127.0.0.1 (tiny preset, a 4-shot product), `--clients` threads each sending one
     query after another for `--seconds`, against a server that micro-batches (`--max-batch 8`) and one
-    that does not (`--max-batch 1`), one after the other. Reports requests/s of both, their ratio, the
-    batched run's p99 latency, errors, and how much the batched server's resident memory grew from the
-    end of a warm-up to the end of the run."""
+    that does not (`--max-batch 1`), both running, in interleaved runs (best of `--repeats`: the clients
+    share the 2 cores with the servers, so other work only slows a run down). Reports requests/s of
+    both, their ratio, the best batched run's p99 latency, all errors, and how much the batched
+    server's resident memory grew from the end of its warm-up to the end of all runs."""
     import base64
     import io
     import threading
@@ -333,28 +334,40 @@ def serve_load(args) -> dict:
             thread.join()
         return latencies, errors[0]
 
-    results = {}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = init_model(Path(tmp) / "tiny", "tiny")
-        for name, batch in (("batched", 8), ("unbatched", 1)):
-            port = free_port()
-            server = start(ckpt, Path(tmp) / "products", port, "--max-batch", batch, "--max-wait-ms", args.max_wait_ms)
-            url = f"http://127.0.0.1:{port}"
-            try:
-                if name == "batched":
-                    httpx.post(f"{url}/v1/products", data={"name": "bench"}, timeout=60,
-                               files=[("normals", (f"{i}.png", png(n), "image/png")) for i, n in enumerate(normals)])
-                load(url, 3.0)  # warm-up
-                before = rss(server.pid)
-                latencies, errors = load(url, args.seconds)
-                results[name] = {"rate": len(latencies) / args.seconds, "errors": errors,
-                                 "p99": float(np.percentile(latencies, 99)) if latencies else float("nan"),
-                                 "rss_growth": rss(server.pid) / before - 1}
-            finally:
+        servers, urls, before = {}, {}, {}
+        try:
+            for name, batch in (("batched", 8), ("unbatched", 1)):
+                port = free_port()
+                servers[name] = start(ckpt, Path(tmp) / "products", port, "--max-batch", batch,
+                                      "--max-wait-ms", args.max_wait_ms)
+                urls[name] = f"http://127.0.0.1:{port}"
+            httpx.post(f"{urls['batched']}/v1/products", data={"name": "bench"}, timeout=60,
+                       files=[("normals", (f"{i}.png", png(n), "image/png")) for i, n in enumerate(normals)])
+            for name in servers:
+                load(urls[name], 3.0)  # warm-up
+                before[name] = rss(servers[name].pid)
+            # interleaved, best of `--repeats`: on a shared machine other work only ever slows a run down
+            for _ in range(args.repeats):
+                for name in servers:
+                    latencies, errors = load(urls[name], args.seconds)
+                    run = {"rate": len(latencies) / args.seconds, "errors": errors,
+                           "p99": float(np.percentile(latencies, 99)) if latencies else float("nan")}
+                    best = results.setdefault(name, {**run, "errors": 0})
+                    best["errors"] += errors
+                    if run["rate"] > best["rate"]:
+                        best.update(rate=run["rate"], p99=run["p99"])
+            for name in servers:
+                results[name]["rss_growth"] = rss(servers[name].pid) / before[name] - 1
+        finally:
+            for server in servers.values():
                 server.kill()
                 server.wait(timeout=30)
     for name, r in results.items():
-        print(f"{name}: {r['rate']:.1f} requests/s over {args.seconds:g} s with {args.clients} clients, p99 "
+        print(f"{name}: {r['rate']:.1f} requests/s (best {args.seconds:g} s run of {args.repeats}) with {args.clients} "
+              f"clients, max wait {args.max_wait_ms:g} ms, p99 "
               f"{1000 * r['p99']:.0f} ms, {r['errors']} errors, resident memory {100 * r['rss_growth']:+.1f} %")
     batched, unbatched = results["batched"], results["unbatched"]
     return {"bench": "serve", "clients": args.clients, "requests_per_s_batched": round(batched["rate"], 2),
@@ -680,7 +693,7 @@ def main(argv=None) -> None:
             p.add_argument("--turns", type=int, default=5, choices=range(2, 6), help="turns; the last is timed")
             p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer (forced)")
         if name == "serve":
-            p.set_defaults(image_size=112)
+            p.set_defaults(image_size=112, repeats=2)
             p.add_argument("--clients", type=int, default=8, help="concurrent clients")
             p.add_argument("--seconds", type=float, default=20.0, help="length of each timed run")
             p.add_argument("--max-wait-ms", type=float, default=5.0, help="the batched server's wait for company")
