@@ -105,6 +105,24 @@ def png_base64(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def parse_json_inspection(raw: bytes, max_pixels: int, max_queries: int):
+    """(body, query images, normals, abnormal) of a JSON /v1/inspect request, or a RequestError."""
+    import json
+
+    try:
+        body = json.loads(raw or b"{}")
+    except json.JSONDecodeError as error:
+        raise RequestError(422, f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise RequestError(422, "the body must be a JSON object")
+    count = len(body.get("images") or [])
+    if count > max_queries:  # before decoding any of them
+        raise RequestError(413, f"{count} query images is over the limit of {max_queries} per request (max_queries)")
+    decoded = {kind: [decode_base64_image(text, f"{kind}[{i}]", max_pixels) for i, text in
+                      enumerate(body.get(kind) or [])] for kind in ("images", "normals", "abnormal")}
+    return body, decoded["images"], decoded["normals"], decoded["abnormal"]
+
+
 @dataclass
 class _Waiting:
     query: Image.Image
@@ -323,39 +341,30 @@ def create_app(settings: ServeSettings, inspector=None):
         heatmap (grey PNG, base64, at the query's size) and, when asked, the text answer.
         """
         limit = settings.max_image_pixels
+        loop = asyncio.get_running_loop()
+        # Decoding and encoding images is each request's own work: it runs on threads (PIL releases the
+        # GIL), so the event loop stays free to gather other requests into the model's next batch.
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await read_form(request)
-            images = [decode_image(data, f"images[{i}] ({name})", limit) for i, (name, data) in
-                      enumerate(form.get("images", []))]
-            normals = [decode_image(data, f"normals[{i}] ({name})", limit) for i, (name, data) in
-                       enumerate(form.get("normals", []))]
-            abnormal = [decode_image(data, f"abnormal[{i}] ({name})", limit) for i, (name, data) in
-                        enumerate(form.get("abnormal", []))]
+
+            def decoded(kind: str) -> list:
+                return [decode_image(data, f"{kind}[{i}] ({name})", limit) for i, (name, data) in
+                        enumerate(form.get(kind, []))]
+
+            images, normals, abnormal = await loop.run_in_executor(
+                None, lambda: (decoded("images"), decoded("normals"), decoded("abnormal")))
             product_name = (form.get("product") or [None])[0]
             threshold = (form.get("threshold") or [None])[0]
             with_text = (form.get("with_text") or ["false"])[0].lower() in ("1", "true", "yes")
-            count = len(images)
         else:
-            import json
-
-            try:
-                body = json.loads(await body_bytes(request) or b"{}")
-            except json.JSONDecodeError as error:
-                raise RequestError(422, f"the body is not valid JSON: {error}") from None
-            if not isinstance(body, dict):
-                raise RequestError(422, "the body must be a JSON object")
-            count = len(body.get("images") or [])
-            if count > settings.max_queries:
-                raise RequestError(413, f"{count} query images is over the limit of {settings.max_queries} per "
-                                        "request (max_queries)")
-            images = [decode_base64_image(text, f"images[{i}]", limit) for i, text in enumerate(body.get("images") or [])]
-            normals = [decode_base64_image(t, f"normals[{i}]", limit) for i, t in enumerate(body.get("normals") or [])]
-            abnormal = [decode_base64_image(t, f"abnormal[{i}]", limit) for i, t in enumerate(body.get("abnormal") or [])]
+            raw = await body_bytes(request)
+            body, images, normals, abnormal = await loop.run_in_executor(None, parse_json_inspection, raw, limit,
+                                                                         settings.max_queries)
             product_name, threshold = body.get("product"), body.get("threshold")
             with_text = bool(body.get("with_text", False))
-        if count > settings.max_queries:
-            raise RequestError(413, f"{count} query images is over the limit of {settings.max_queries} per request "
-                                    "(max_queries)")
+        if len(images) > settings.max_queries:
+            raise RequestError(413, f"{len(images)} query images is over the limit of {settings.max_queries} per "
+                                    "request (max_queries)")
         if not images:
             raise RequestError(422, "no query image: send one or more in `images`")
         product = None
@@ -370,10 +379,11 @@ def create_app(settings: ServeSettings, inspector=None):
         except (TypeError, ValueError):
             raise RequestError(422, f"threshold {threshold!r} is not a number") from None
         results = await state["batcher"].inspect(images, normals, abnormal, with_text)
+        heatmaps = await loop.run_in_executor(None, lambda: [png_base64(r.anomaly_map) for r in results])
         return {"product": product.name if product else None, "threshold": threshold, "results": [
             {"score": r.score, "label": "defective" if r.score >= threshold else "normal", "threshold": threshold,
-             "width": image.width, "height": image.height, "heatmap_png": png_base64(r.anomaly_map),
-             "text": r.text} for image, r in zip(images, results)]}
+             "width": image.width, "height": image.height, "heatmap_png": heatmap, "text": r.text}
+            for image, r, heatmap in zip(images, results, heatmaps)]}
 
     def summary(product) -> dict:
         data = product.to_json()
