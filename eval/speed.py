@@ -294,8 +294,7 @@ def serve_load(args) -> dict:
 
     import httpx
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serving"))
-    from service_process import free_port, start
+    from iadgpt.serving.process import free_port, start
 
     rng = np.random.default_rng(0)
     *normals, query = bench_images(args.shots + 1, args.image_size, rng)

@@ -124,9 +124,9 @@ class Inspector:
             conversations.append((self.prompt(len(refs), len(bad)), [*refs, *bad, query], roles))
         return generation_inputs(self.processor, conversations).to(self.model.device)
 
-    def _reference_key(self, normals, abnormal, digests: dict[int, str]) -> str:
+    def _reference_key(self, normals, abnormal, digests: dict) -> str:
         """The cache key of a reference set: the model's weights (`parameter_digest`) and the reference
-        images' content, by role."""
+        images' content, by role. `digests` memoises both within one `inspect` call (images by id)."""
         def digest(image) -> str:
             if id(image) not in digests:
                 digests[id(image)] = image_digest(image)

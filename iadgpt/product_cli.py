@@ -20,7 +20,7 @@ import json
 
 from .data.samples import DataError, load_image
 from .model.checkpoint import DEVICE_HELP
-from .products import ProductError, ProductStore, calibrate_product, minimum_normals
+from .products import ProductError, ProductStore, calibrate_product, require_enough_normals
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -109,10 +109,7 @@ def _calibrate(store: ProductStore, args) -> int:
     product = store.get(args.name)
     normal_paths = expand_image_paths(args.normals, "--normals")
     defect_paths = expand_image_paths(args.defects, "--defects") if args.defects else []
-    if not defect_paths and len(normal_paths) < minimum_normals(args.target_fpr):  # before loading anything
-        raise ProductError(f"{len(normal_paths)} held-out normal image(s) cannot show a false-alarm rate of "
-                           f"{args.target_fpr:g}: it takes at least {minimum_normals(args.target_fpr)}. Add normals, "
-                           "raise --target-fpr, or give --defects to calibrate at F1-max.")
+    require_enough_normals(len(normal_paths), args.target_fpr, bool(defect_paths))  # before loading anything
     normals = {str(path): load_image(path) for path in normal_paths}
     defects = {str(path): load_image(path) for path in defect_paths}
     try:

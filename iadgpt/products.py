@@ -288,7 +288,16 @@ def minimum_normals(target_fpr: float) -> int:
     return int(np.ceil(1.0 / target_fpr - 1e-9))
 
 
-def calibrate(product: Product, normal_scores: np.ndarray, defect_scores: np.ndarray | None = None,
+def require_enough_normals(count: int, target_fpr: float, with_defects: bool) -> None:
+    """Refuse a calibration at `target_fpr` on fewer normals than it takes to measure (F1-max, with
+    defects, needs no such count)."""
+    if not with_defects and count < minimum_normals(target_fpr):
+        raise ProductError(f"{count} held-out normal image(s) cannot show a false-alarm rate of {target_fpr:g}: it "
+                           f"takes at least {minimum_normals(target_fpr)}. Add normals, raise --target-fpr, or give "
+                           "--defects to calibrate at F1-max.")
+
+
+def calibrate(normal_scores: np.ndarray, defect_scores: np.ndarray | None = None,
               target_fpr: float = 0.01) -> Calibration:
     """The threshold from held-out scores: at `target_fpr` on the normals, or at F1-max with defects."""
     normal_scores = np.asarray(normal_scores, dtype=np.float64)
@@ -299,11 +308,7 @@ def calibrate(product: Product, normal_scores: np.ndarray, defect_scores: np.nda
         threshold, method = threshold_at_f1_max(normal_scores, defect_scores), "f1_max"
         miss = float((defect_scores < threshold).mean())
     else:
-        needed = minimum_normals(target_fpr)
-        if len(normal_scores) < needed:
-            raise ProductError(f"{len(normal_scores)} held-out normal image(s) cannot show a false-alarm rate of "
-                               f"{target_fpr:g}: it takes at least 1 / {target_fpr:g} = {needed}. Add normals, "
-                               "raise --target-fpr, or give --defects to calibrate at F1-max.")
+        require_enough_normals(len(normal_scores), target_fpr, with_defects=False)
         threshold, method, miss, defect_scores = threshold_at_false_alarm_rate(normal_scores, target_fpr), \
             "target_fpr", None, np.zeros(0)
     quantiles = {name: float(np.quantile(normal_scores, q)) for name, q in
@@ -346,34 +351,31 @@ def calibrate_product(store: ProductStore, product: Product, inspector, normals:
     threshold (`calibrate`) and store it with its files. Refuses images that are references and,
     without defects, fewer normals than the rate needs, before any scoring."""
     defects = defects or {}
-    if not defects and len(normals) < minimum_normals(target_fpr):
-        raise ProductError(f"{len(normals)} held-out normal image(s) cannot show a false-alarm rate of "
-                           f"{target_fpr:g}: it takes at least {minimum_normals(target_fpr)}. Add normals, "
-                           "raise --target-fpr, or give --defects to calibrate at F1-max.")
-    overlap = overlapping_references(product, {**normals, **defects})
+    require_enough_normals(len(normals), target_fpr, with_defects=bool(defects))
+    references, abnormal = product.normal_images(), product.abnormal_images()
+    overlap = overlapping_references([*references, *abnormal], {**normals, **defects})
     if overlap:
         raise ProductError(f"{len(overlap)} calibration image(s) are the product's own references, which would make "
                            f"the false-alarm rate look better than it is: {', '.join(overlap[:5])}")
-    references, abnormal = product.normal_images(), product.abnormal_images()
     names = [*normals, *defects]
     images = [*normals.values(), *defects.values()]
     results = inspector.inspect(images, [references] * len(images), [abnormal] * len(images))
     scores = dict(zip(names, (r.score for r in results)))
     normal_scores, defect_scores = [scores[n] for n in normals], [scores[n] for n in defects]
-    calibration = calibrate(product, normal_scores, defect_scores or None, target_fpr)
+    calibration = calibrate(normal_scores, defect_scores or None, target_fpr)
     rows = [(n, "normal", scores[n]) for n in normals] + [(n, "defect", scores[n]) for n in defects]
     store.save_calibration(product, calibration, rows, score_histogram(normal_scores, defect_scores,
                                                                         calibration.threshold))
     return calibration
 
 
-def overlapping_references(product: Product, images: dict[str, Image.Image]) -> list[str]:
-    """The paths among `images` whose content is one of the product's reference images."""
-    references = {image_digest(image) for image in [*product.normal_images(), *product.abnormal_images()]}
-    return [path for path, image in images.items() if image_digest(image) in references]
+def overlapping_references(references: list[Image.Image], images: dict[str, Image.Image]) -> list[str]:
+    """The names among `images` whose content is one of the `references`."""
+    digests = {image_digest(image) for image in references}
+    return [name for name, image in images.items() if image_digest(image) in digests]
 
 
 __all__ = ["Calibration", "Product", "ProductError", "ProductStore", "calibrate", "calibrate_product",
            "checkpoint_digest",
-           "minimum_normals", "overlapping_references", "products_folder", "score_histogram",
+           "minimum_normals", "overlapping_references", "require_enough_normals", "products_folder", "score_histogram",
            "threshold_at_f1_max", "threshold_at_false_alarm_rate"]

@@ -105,8 +105,8 @@ def png_base64(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def parse_json_inspection(raw: bytes, max_pixels: int, max_queries: int):
-    """(body, query images, normals, abnormal) of a JSON /v1/inspect request, or a RequestError."""
+def json_object(raw: bytes) -> dict:
+    """A request body that must be a JSON object, or a RequestError (422) saying what it is instead."""
     import json
 
     try:
@@ -115,6 +115,12 @@ def parse_json_inspection(raw: bytes, max_pixels: int, max_queries: int):
         raise RequestError(422, f"the body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise RequestError(422, "the body must be a JSON object")
+    return body
+
+
+def parse_json_inspection(raw: bytes, max_pixels: int, max_queries: int):
+    """(body, query images, normals, abnormal) of a JSON /v1/inspect request, or a RequestError."""
+    body = json_object(raw)
     count = len(body.get("images") or [])
     if count > max_queries:  # before decoding any of them
         raise RequestError(413, f"{count} query images is over the limit of {max_queries} per request (max_queries)")
@@ -460,10 +466,7 @@ def create_app(settings: ServeSettings, inspector=None):
 
         from ..dialogue import reply
 
-        try:
-            body = json.loads(await body_bytes(request) or b"{}")
-        except json.JSONDecodeError as error:
-            raise RequestError(422, f"the body is not valid JSON: {error}") from None
+        body = json_object(await body_bytes(request))
         dialogue, question = conversation_from_messages(body.get("messages"), settings.max_image_pixels,
                                                         settings.max_queries)
         if body.get("product"):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from service_process import free_port, start
+from iadgpt.serving.process import free_port, start
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import shutil
 import httpx
 import pytest
 
-from service_process import free_port, start
+from iadgpt.serving.process import free_port, start
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
