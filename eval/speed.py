@@ -294,8 +294,11 @@ def serve_load(args) -> dict:
 
     import httpx
 
+    from iadgpt.serving.app import ServeSettings
     from iadgpt.serving.process import free_port, start
 
+    if args.max_wait_ms is None:
+        args.max_wait_ms = ServeSettings.max_wait_ms
     rng = np.random.default_rng(0)
     *normals, query = bench_images(args.shots + 1, args.image_size, rng)
 
@@ -695,7 +698,8 @@ def main(argv=None) -> None:
             p.set_defaults(image_size=112, repeats=2)
             p.add_argument("--clients", type=int, default=8, help="concurrent clients")
             p.add_argument("--seconds", type=float, default=20.0, help="length of each timed run")
-            p.add_argument("--max-wait-ms", type=float, default=5.0, help="the batched server's wait for company")
+            p.add_argument("--max-wait-ms", type=float, help="the batched server's wait for company (default: the "
+                                                              "service's own, ServeSettings.max_wait_ms)")
         if name == "data-build":
             p.set_defaults(image_size=96)
             p.add_argument("--categories", type=int, default=4, help="categories of the 1x factory (10x: ten times)")
