@@ -167,6 +167,8 @@ def load_answers(path: str | os.PathLike) -> list[dict]:
         raise DataError(f"{path}:{error.lineno}:{error.colno}: malformed JSON: {error.msg}") from error
     if not isinstance(answers, list):
         raise DataError(f"{path}: expected a JSON list of answers, found {type(answers).__name__}")
+    if not answers:
+        raise DataError(f"{path}: no answers")
     for index, answer in enumerate(answers):
         where = f"{path}: answer {index}"
         if not isinstance(answer, dict):
@@ -438,7 +440,7 @@ def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, 
     from ..model.checkpoint import pixel_limits, set_pixel_limits
     from ..model.modeling_iadgpt import ROLE_EXEMPLAR, ROLE_QUERY
     from ..model.prompts import generation_inputs
-    from .reasoning import PredictionLog, _check_recorded, _log, _relative, _rewrite_keeping_others
+    from .reasoning import PredictionLog, _check_recorded, _log, _relative
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -491,7 +493,6 @@ def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, 
     # The letter is read again from the recorded text, so a change of parser applies to old answers too.
     answers = [answer_entry(image, asked, record["response"])
                for (_, _, _, image, _, _, asked), record in zip(planned, records)]
-    _rewrite_keeping_others(log, records)
     answers_path = write_answers(out / ANSWERS_FILE, answers)
     references_name = "similar_templates" if similar_templates else "random_templates"
     title = f"MMAD, {shots}-shot ({references_name})"

@@ -280,7 +280,7 @@ def test_score_recipe_prints_the_table_and_the_left_out_count(tmp_path, capsys):
     ('[{"image": "a/b.png", "question_type": "Anomaly Detection", "correct_answer": "A"}]',
      "answer 0: missing 'gpt_answer'"),
     ('[{"image": "", "question_type": "x", "correct_answer": "A", "gpt_answer": "A"}]', "'image' must be a non-empty"),
-    ("[{", "malformed JSON"),
+    ("[{", "malformed JSON"), ("[]", "no answers"),
 ])
 def test_score_recipe_names_the_file_and_the_problem(tmp_path, content, message):
     path = tmp_path / "answers.json"
