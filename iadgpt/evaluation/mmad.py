@@ -407,7 +407,7 @@ def report(answers: list[dict], title: str | None = None, corrected_table: bool 
         text += "\n" + table_markdown(corrected, "Quirks corrected")
     elif corrected.rows != official.rows:
         text += (f"With summary.py's quirks corrected the overall average is {_format(corrected.overall)} "
-                 f"(official rules: {_format(official.overall)}); --corrected shows that table.\n")
+                 f"(official rules: {_format(official.overall)}); eval/mmad_score.py --corrected shows that table.\n")
     return text, {**official.as_dict(), "corrected": corrected.as_dict()}
 
 
