@@ -440,7 +440,7 @@ def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, 
     from ..model.checkpoint import pixel_limits, set_pixel_limits
     from ..model.modeling_iadgpt import ROLE_EXEMPLAR, ROLE_QUERY
     from ..model.prompts import generation_inputs
-    from .reasoning import PredictionLog, _check_recorded, _log, _relative
+    from .reasoning import PredictionLog, check_recorded, log_progress, relative_key
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -456,20 +456,21 @@ def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, 
     for i, item in enumerate(items):
         references = mmad_references(item, shots, similar_templates)
         short += len(references) < shots
-        image = _relative(item.image, reader.image_root)
-        reference_keys = [_relative(path, reader.image_root) for path in references]
+        image = relative_key(item.image, reader.image_root)
+        reference_keys = [relative_key(path, reader.image_root) for path in references]
         for q, question in enumerate(item.questions):
             asked = asked_question(question)
             entry = (i, q, item, image, references, reference_keys, asked)
             planned.append(entry)
             expected = {"image": image, "question": asked.text, "references": reference_keys}
-            if _check_recorded(log.get(i, q), expected, log) is None:
+            if check_recorded(log.get(i, q), expected, log) is None:
                 pending.append(entry)
     if short:
-        _log(f"mmad: {short} item(s) have fewer than {shots} "
+        log_progress(f"mmad: {short} item(s) have fewer than {shots} "
              f"{'similar' if similar_templates else 'random'} templates and are asked with what they have")
     if len(planned) - len(pending):
-        _log(f"mmad: {len(planned) - len(pending)} of {len(planned)} questions already answered in {log.path}")
+        log_progress(f"mmad: {len(planned) - len(pending)} of {len(planned)} questions already answered in "
+                     f"{log.path}")
     previous_limits = pixel_limits(processor)
     set_pixel_limits(processor, min_pixels, max_pixels)
     try:
@@ -486,7 +487,7 @@ def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, 
                          "question": asked.text, "options": asked.options, "answer": asked.answer,
                          "type": asked.question_type, "response": response}
                         for (i, q, _, image, _, reference_keys, asked), response in zip(batch, responses)])
-            _log(f"mmad: {len(planned) - len(pending) + start + len(batch)}/{len(planned)} questions")
+            log_progress(f"mmad: {len(planned) - len(pending) + start + len(batch)}/{len(planned)} questions")
     finally:
         set_pixel_limits(processor, *previous_limits)
     records = [log.get(i, q) for i, q, *_ in planned]
@@ -498,7 +499,7 @@ def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, 
     title = f"MMAD, {shots}-shot ({references_name})"
     text, summary = report(answers, title)
     write_tables(out, score_answers(answers), title)
-    _log(text)
+    log_progress(text)
     return {**summary, "shots": shots, "references": references_name, "short_reference_items": short,
             "min_pixels": min_pixels, "max_pixels": max_pixels, "max_new_tokens": max_new_tokens,
             "vision_ids": vision_ids, "items": len(items), "answers_file": str(answers_path)}

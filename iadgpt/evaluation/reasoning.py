@@ -291,7 +291,7 @@ def _rewrite_keeping_others(log: PredictionLog, records: list[dict]) -> None:
     log.rewrite(sorted(records + others, key=log.key))
 
 
-def _check_recorded(record: dict | None, expected: dict, log: PredictionLog) -> dict | None:
+def check_recorded(record: dict | None, expected: dict, log: PredictionLog) -> dict | None:
     """A recorded prediction, after checking it was made for the same image and question."""
     if record is None:
         return None
@@ -359,7 +359,8 @@ class _Conversation:
     normals: list[Path] = field(default_factory=list)
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative_key(path: Path, root: Path) -> str:
+    """`path` relative to `root` in POSIX form (the key predictions are logged under), else as given."""
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
@@ -376,7 +377,7 @@ def _conversations(reader: VisaDRReader, detection_question: str, defect_answer:
     normal_answer = "No" if defect_answer == "Yes" else "Yes"
     conversations = []
     for index, item in enumerate(items):
-        key = _relative(item.image, reader.image_root)
+        key = relative_key(item.image, reader.image_root)
         refs = normals.normals(item.category, item.source) if normals is not None else []
         refs = [p for p in refs if p != item.image]
         if isinstance(item, ReasoningItem):
@@ -393,7 +394,8 @@ def _conversations(reader: VisaDRReader, detection_question: str, defect_answer:
     return conversations
 
 
-def _log(message: str) -> None:
+def log_progress(message: str) -> None:
+    """A progress line on stderr (stdout is left to the results)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -404,7 +406,7 @@ def generate_visa_dr(model, processor, conversations: list[_Conversation], log: 
             if any(log.get(c.index, turn) is None for turn in range(len(c.questions)))]
     done = len(conversations) - len(todo)
     if done:
-        _log(f"reasoning: {done} of {len(conversations)} items already answered in {log.path}")
+        log_progress(f"reasoning: {done} of {len(conversations)} items already answered in {log.path}")
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         dialogues = [Dialogue(load_image(c.image), [load_image(p) for p in c.normals]) for c in batch]
@@ -414,7 +416,7 @@ def generate_visa_dr(model, processor, conversations: list[_Conversation], log: 
                 if turn >= len(conversation.questions):
                     continue
                 question = conversation.questions[turn]
-                record = _check_recorded(log.get(conversation.index, turn),
+                record = check_recorded(log.get(conversation.index, turn),
                                          {"image": conversation.image_key, "question": question}, log)
                 if record is not None:
                     dialogue.turns.append((question, record["response"]))  # continue from the recorded answer
@@ -427,7 +429,7 @@ def generate_visa_dr(model, processor, conversations: list[_Conversation], log: 
                  "question": q, "reference": c.references[turn], "response": a,
                  "normals": [str(p) for p in c.normals]}
                 for (c, _), q, a in zip(asking, questions, answers)])
-        _log(f"reasoning: {done + min(start + batch_size, len(todo))}/{len(conversations)} items")
+        log_progress(f"reasoning: {done + min(start + batch_size, len(todo))}/{len(conversations)} items")
 
 
 def _mean(values: list[float]) -> float | None:
@@ -444,7 +446,7 @@ def score_visa_dr(conversations: list[_Conversation], log: PredictionLog, senten
     records = []
     for conversation in conversations:
         for turn in range(len(conversation.questions)):
-            record = _check_recorded(log.get(conversation.index, turn), {"image": conversation.image_key,
+            record = check_recorded(log.get(conversation.index, turn), {"image": conversation.image_key,
                                                                         "question": conversation.questions[turn]}, log)
             if record is None:
                 raise RuntimeError(f"no prediction for item {conversation.index} turn {turn}: "
