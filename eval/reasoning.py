@@ -3,12 +3,17 @@
     python eval/reasoning.py --model DIR --data visa_dr.json --image-root VISA_ROOT --out OUT
     python eval/reasoning.py --model DIR --data visa_dr.json --image-root VISA_ROOT --out OUT \\
         --normals-root VISA_ROOT --normals-dataset visa --shots 1          # few-shot references
-    python eval/reasoning.py --model DIR --mmad mmad.json --mmad-root MMAD_ROOT --out OUT --shots 1
+    python eval/reasoning.py --model DIR --mmad mmad.json --mmad-root MMAD_ROOT --out OUT --shots 1 \
+        [--similar-templates]
     ... --gpt-score-url https://api.openai.com/v1 --gpt-score-model gpt-4o   # key: $OPENAI_API_KEY
 
-Writes OUT/predictions.jsonl (one line per answered question), OUT/mmad_predictions.jsonl and
-OUT/results.json, and prints the results. A re-run with the same OUT answers only what is missing.
-Rules for reading yes/no and option letters, and the GPT-score prompt: iadgpt/evaluation/reasoning.py.
+Writes OUT/predictions.jsonl (one line per answered question) and OUT/results.json, and prints the
+results. A re-run with the same OUT answers only what is missing.
+MMAD follows the official protocol (references random_templates[:k], the official prompt, images of
+64x28x28 .. 1280x28x28 pixels unless --min/max-pixels say otherwise, the official letter parsing and
+table): OUT/mmad_predictions.jsonl, OUT/mmad_answers.json (the official answers-file format, which
+eval/mmad_score.py scores), OUT/mmad_accuracy.csv and .md. Rules: docs/mmad.md.
+Rules for reading yes/no answers and the GPT-score prompt: iadgpt/evaluation/reasoning.py.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import os
 import sys
 
 from iadgpt.data.samples import DataError
-from iadgpt.evaluation import reasoning
+from iadgpt.evaluation import mmad, reasoning
 from iadgpt.inspection import Inspector
-from iadgpt.model.checkpoint import DEVICE_HELP, DeviceError, add_pixel_limit_arguments, device_and_dtype
+from iadgpt.model.checkpoint import (DEVICE_HELP, DeviceError, add_pixel_limit_arguments, check_pixel_limits,
+                                     device_and_dtype)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,8 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpt-score-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the endpoint's API key (sent only if set)")
     parser.add_argument("--gpt-score-timeout", type=float, default=60.0, help="seconds per judge request")
-    parser.add_argument("--mmad", help="MMAD file (mmad.json) for multiple-choice accuracy per question type")
+    parser.add_argument("--mmad", help="MMAD file (mmad.json): multiple choice, official protocol and table")
     parser.add_argument("--mmad-root", help="folder the MMAD paths are relative to (default: its folder)")
+    parser.add_argument("--similar-templates", action="store_true",
+                        help="MMAD references: similar_templates[:k] instead of the official default "
+                             "random_templates[:k]")
+    parser.add_argument("--mmad-max-new-tokens", type=int, default=mmad.MMAD_MAX_NEW_TOKENS,
+                        help=f"MMAD answer length limit (default: {mmad.MMAD_MAX_NEW_TOKENS}, as the official script)")
     parser.add_argument("--batch-size", type=int, default=4, help="conversations generated together")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (VisA-D&R)")
     parser.add_argument("--limit", type=int, help="only the first N items of each file (a quick look)")
@@ -58,6 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device: {err}")
     if not args.data and not args.mmad:
         parser.error("give --data (VisA-D&R) and/or --mmad")
+    if args.shots < 0:
+        parser.error(f"--shots {args.shots}: the number of references cannot be negative")
+    if args.mmad:
+        try:
+            check_pixel_limits(args.min_pixels or mmad.MMAD_MIN_PIXELS, args.max_pixels or mmad.MMAD_MAX_PIXELS)
+        except ValueError as err:
+            parser.error(f"MMAD pixel limits: {err}")
     if bool(args.gpt_score_url) != bool(args.gpt_score_model):
         parser.error("--gpt-score-url and --gpt-score-model go together")
     return args
@@ -86,9 +104,12 @@ def main(argv=None) -> dict:
             results.update(summary, sbert_model=args.sbert, shots=args.shots if normals else 0,
                            gpt_score_model=args.gpt_score_model)
         if args.mmad:
-            results["mmad"] = reasoning.run_mmad(
+            # The official resolution for this benchmark unless the command line sets one.
+            results["mmad"] = mmad.run_mmad(
                 inspector.model, inspector.processor, args.mmad, args.out, image_root=args.mmad_root,
-                shots=args.shots, batch_size=args.batch_size, limit=args.limit)
+                shots=args.shots, similar_templates=args.similar_templates, batch_size=args.batch_size,
+                max_new_tokens=args.mmad_max_new_tokens, limit=args.limit,
+                min_pixels=args.min_pixels or mmad.MMAD_MIN_PIXELS, max_pixels=args.max_pixels or mmad.MMAD_MAX_PIXELS)
     except DataError as err:
         raise SystemExit(f"eval/reasoning.py: bad input: {err}") from None
     reasoning.write_results(args.out, results)

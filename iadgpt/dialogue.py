@@ -75,7 +75,20 @@ def reply(model, processor, dialogues: list[Dialogue], questions: list[str], max
     """
     if not dialogues:
         return []
-    inputs = dialogue_inputs(processor, dialogues, questions).to(model.device)
+    inputs = dialogue_inputs(processor, dialogues, questions)
+    answers = [text.strip() for text in generate_text(model, processor, inputs, max_new_tokens, streamer=streamer,
+                                                      min_new_tokens=min_new_tokens)]
+    for dialogue, question, answer in zip(dialogues, questions, answers):
+        dialogue.turns.append((question, answer))
+    return answers
+
+
+@torch.inference_mode()
+def generate_text(model, processor, inputs, max_new_tokens: int = 256, streamer=None,
+                  min_new_tokens: int | None = None) -> list[str]:
+    """Greedy continuations of a left-padded batch (`generation_inputs`), decoded as generated
+    (special tokens dropped, spaces not cleaned up, not stripped)."""
+    inputs = inputs.to(model.device)
     options = {"max_new_tokens": max_new_tokens, "do_sample": False}
     if min_new_tokens:
         options["min_new_tokens"] = min_new_tokens
@@ -83,10 +96,7 @@ def reply(model, processor, dialogues: list[Dialogue], questions: list[str], max
         options["streamer"] = streamer
     generated = model.generate(**inputs, **options)
     new_tokens = generated[:, inputs["input_ids"].shape[1]:]
-    answers = [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
-    for dialogue, question, answer in zip(dialogues, questions, answers):
-        dialogue.turns.append((question, answer))
-    return answers
+    return processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class KeptConversation:

@@ -654,6 +654,38 @@ def summarize_results(per_seed: dict[int, dict[int, dict[str, dict[str, float]]]
 # The whole run
 
 
+def protocol_note(plan: BenchmarkPlan, settings: DetectionSettings, pixels: tuple[int, int]) -> str:
+    """The "Protocol" section of results.md: how this run drew its references, at what resolution it
+    scored and compared maps, how maps were normalised and what AUPRO is, so a reader can tell
+    whether its numbers compare with a published table."""
+    from_test = sorted(name for name, category in plan.categories.items() if category.reference_split == "test")
+    if settings.manifest:
+        draw = f"replayed from the manifest {settings.manifest} (its references, queries, shots and seeds)"
+    else:
+        draw = ("for every category, k and seed, k normal images drawn without replacement from the category's "
+                "train split (sorted by path; numpy `default_rng([seed, k, crc32(category)])`)")
+    lines = [
+        "## Protocol", "",
+        f"- **References**: {draw}; listed in prompt order in `manifest.json`. k = 0 runs once (seed 0)."
+        + (f" Categories without a train split draw from their test normals, which then leave that run's "
+           f"queries: {', '.join(from_test)}." if from_test else ""),
+        f"- **Resolution**: every image resized by the processor to between {pixels[0]} and {pixels[1]} pixels "
+        f"(multiples of 28 px); the query's token map is upsampled bilinearly to {settings.map_size} px on the long "
+        "side (aspect ratio kept) and the masks resized to that shape with nearest neighbour.",
+        "- **Image score**: p(\"Yes\") of the detection question, one forward pass per query, no generation.",
+        "- **Map normalisation**: the maps of one category and run are min-max normalised together (one minimum "
+        "and one maximum over all their pixels; IADGPT supplement, \"Inference\").",
+        f"- **AUPRO**: MVTec AD reference definition: defect regions are the 8-connected components of each mask "
+        "(3x3 structure), PRO is the overlap of each region averaged over all regions of the category, on the "
+        "exact curve (every distinct score is a threshold), FPR over all normal pixels (defect-free images included), "
+        f"integrated with the trapezoid rule from 0 to FPR {DEFAULT_MAX_FPR} (PRO interpolated there) and divided by "
+        f"{DEFAULT_MAX_FPR}.",
+        "- **Over seeds**: mean and sample standard deviation (ddof 1) of each category's metrics and of their mean "
+        "over categories.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def run_detection(settings: DetectionSettings, inspector=None) -> dict | None:
     """Plan, score (resuming from the cache), evaluate and write every report under `settings.out`.
 
@@ -722,7 +754,8 @@ def run_detection(settings: DetectionSettings, inspector=None) -> dict | None:
                        {str(k): {str(seed): by_category for seed, by_category in by_seed.items()}
                         for k, by_seed in per_seed.items()})
     reports.write_csv(out / "results.csv", results)
-    reports.write_text(out / "results.md", reports.markdown_tables(results, title=f"{plan.kind}: {plan.root.name}"))
+    reports.write_text(out / "results.md", reports.markdown_tables(results, title=f"{plan.kind}: {plan.root.name}")
+                       + "\n" + protocol_note(plan, settings, pixels))
     queries = sum(len(c.run_queries(*run)) for run in plan.runs() for c in plan.categories.values())
     reports.write_json(out / "run_info.json", {
         "model": model_id, "model_sha256": weights, "dataset": {"kind": plan.kind, "root": str(plan.root)}, "runs": plan.runs(),

@@ -14,11 +14,9 @@ VisA-D&R (format: `iadgpt.data.readers.VisaDRReader`):
     `sbert` and `gpt_score` leave them out; `sbert_all` includes them;
   * GPT-score (optional, off by default): a judge model behind any OpenAI-compatible endpoint
     rates each response against the reference from 0 to 10 (`GPTScorer`).
-MMAD (format: `iadgpt.data.readers.MMADReader`): every question asked on its own with its options
-(`mmad_prompt`), the chosen letter read from the text (`parse_choice`), accuracy per question type.
+MMAD multiple choice, asked and scored by the official rules, lives in `iadgpt.evaluation.mmad`.
 
-Everything the model generates is appended to `OUT/predictions.jsonl` (`OUT/mmad_predictions.jsonl`)
-as soon as a batch finishes, one line per answered question; a re-run with the same OUT reads them
+Everything the model generates is appended to `OUT/predictions.jsonl` as soon as a batch finishes, one line per answered question; a re-run with the same OUT reads them
 back and generates only what is missing (a half-answered conversation continues from its recorded
 answers). Scores are recomputed from the recorded text at the end of every run (cheap), GPT-scores
 are cached in `OUT/gpt_scores.jsonl` (they cost money).
@@ -34,16 +32,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..data.readers import (
     DetectionItem,
-    MMADItem,
-    MMADReader,
-    MultipleChoiceQuestion,
     ReasoningItem,
     VisaDRReader,
     open_dataset,
@@ -52,7 +46,6 @@ from ..data.samples import DataError, load_image
 from ..dialogue import Dialogue, reply
 
 PREDICTIONS_FILE = "predictions.jsonl"
-MMAD_PREDICTIONS_FILE = "mmad_predictions.jsonl"
 GPT_SCORES_FILE = "gpt_scores.jsonl"
 RESULTS_FILE = "results.json"
 
@@ -121,49 +114,6 @@ def parse_yes_no(text: str | None, strict: bool = False) -> str | None:
         return "yes"
     if normal_found:
         return "no"
-    return None
-
-
-def mmad_prompt(question: MultipleChoiceQuestion) -> str:
-    """The question, one option per line as "A. text", then the instruction to answer with a letter."""
-    options = "\n".join(f"{letter}. {text}" for letter, text in question.options)
-    return f"{question.question}\n{options}\nAnswer with the option's letter from the given choices directly."
-
-
-def parse_choice(text: str | None, options: Iterable[tuple[str, str]]) -> str | None:
-    """The option letter a multiple-choice answer picks, or None.
-
-    Rule, first match wins:
-      1. the answer starts with an option letter standing alone: "B", "B.", "(B)", "B) Dent",
-         "**B**: Dent" (a leading "A" followed by a word, "A crack...", is the article, not A);
-      2. an explicit statement: "answer is B", "answer: (B)", "option B", "choice B";
-      3. exactly one distinct option letter appears as a standalone capital in the text (again
-         not the article "A" before a word);
-      4. exactly one option's text appears in the answer (case-insensitive, ignoring a final
-         full stop), e.g. "It is a dent." for option "Dent.";
-      5. otherwise None, counted as wrong (and reported as `unparsed`).
-    """
-    options = list(options)
-    letters = [letter for letter, _ in options]
-    if not text or not letters:
-        return None
-    letter_class = "[" + "".join(re.escape(letter) for letter in letters) + "]"
-    cleaned = re.sub(r"[*_`\"']", "", text).strip()
-    leading = re.match(rf"^\(?({letter_class})(?:\)|\.|:|,|\s*$|\s*\n|\)?\s+(?=[A-Z(]))", cleaned)
-    if leading:
-        return leading.group(1)
-    stated = re.search(rf"(?i:answer\s*(?:is|:)?|option|choice)\s*:?\s*\(?({letter_class})\b", cleaned)
-    if stated:
-        return stated.group(1)
-    standalone = {match.group(1) for match in re.finditer(rf"(?<![\w])\(?({letter_class})\)?(?![\w])", cleaned)
-                  if not (match.group(1) == "A" and re.match(r"\s+[a-z]", cleaned[match.end():]))}
-    if len(standalone) == 1:
-        return standalone.pop()
-    lowered = cleaned.lower()
-    texts = {letter: option.strip().rstrip(".").strip().lower() for letter, option in options}
-    contained = [letter for letter, option in texts.items() if len(option) > 1 and option in lowered]
-    if len(contained) == 1:
-        return contained[0]
     return None
 
 
@@ -341,7 +291,7 @@ def _rewrite_keeping_others(log: PredictionLog, records: list[dict]) -> None:
     log.rewrite(sorted(records + others, key=log.key))
 
 
-def _check_recorded(record: dict | None, expected: dict, log: PredictionLog) -> dict | None:
+def check_recorded(record: dict | None, expected: dict, log: PredictionLog) -> dict | None:
     """A recorded prediction, after checking it was made for the same image and question."""
     if record is None:
         return None
@@ -409,7 +359,8 @@ class _Conversation:
     normals: list[Path] = field(default_factory=list)
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative_key(path: Path, root: Path) -> str:
+    """`path` relative to `root` in POSIX form (the key predictions are logged under), else as given."""
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
@@ -426,7 +377,7 @@ def _conversations(reader: VisaDRReader, detection_question: str, defect_answer:
     normal_answer = "No" if defect_answer == "Yes" else "Yes"
     conversations = []
     for index, item in enumerate(items):
-        key = _relative(item.image, reader.image_root)
+        key = relative_key(item.image, reader.image_root)
         refs = normals.normals(item.category, item.source) if normals is not None else []
         refs = [p for p in refs if p != item.image]
         if isinstance(item, ReasoningItem):
@@ -443,7 +394,8 @@ def _conversations(reader: VisaDRReader, detection_question: str, defect_answer:
     return conversations
 
 
-def _log(message: str) -> None:
+def log_progress(message: str) -> None:
+    """A progress line on stderr (stdout is left to the results)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -454,7 +406,7 @@ def generate_visa_dr(model, processor, conversations: list[_Conversation], log: 
             if any(log.get(c.index, turn) is None for turn in range(len(c.questions)))]
     done = len(conversations) - len(todo)
     if done:
-        _log(f"reasoning: {done} of {len(conversations)} items already answered in {log.path}")
+        log_progress(f"reasoning: {done} of {len(conversations)} items already answered in {log.path}")
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         dialogues = [Dialogue(load_image(c.image), [load_image(p) for p in c.normals]) for c in batch]
@@ -464,7 +416,7 @@ def generate_visa_dr(model, processor, conversations: list[_Conversation], log: 
                 if turn >= len(conversation.questions):
                     continue
                 question = conversation.questions[turn]
-                record = _check_recorded(log.get(conversation.index, turn),
+                record = check_recorded(log.get(conversation.index, turn),
                                          {"image": conversation.image_key, "question": question}, log)
                 if record is not None:
                     dialogue.turns.append((question, record["response"]))  # continue from the recorded answer
@@ -477,7 +429,7 @@ def generate_visa_dr(model, processor, conversations: list[_Conversation], log: 
                  "question": q, "reference": c.references[turn], "response": a,
                  "normals": [str(p) for p in c.normals]}
                 for (c, _), q, a in zip(asking, questions, answers)])
-        _log(f"reasoning: {done + min(start + batch_size, len(todo))}/{len(conversations)} items")
+        log_progress(f"reasoning: {done + min(start + batch_size, len(todo))}/{len(conversations)} items")
 
 
 def _mean(values: list[float]) -> float | None:
@@ -494,7 +446,7 @@ def score_visa_dr(conversations: list[_Conversation], log: PredictionLog, senten
     records = []
     for conversation in conversations:
         for turn in range(len(conversation.questions)):
-            record = _check_recorded(log.get(conversation.index, turn), {"image": conversation.image_key,
+            record = check_recorded(log.get(conversation.index, turn), {"image": conversation.image_key,
                                                                         "question": conversation.questions[turn]}, log)
             if record is None:
                 raise RuntimeError(f"no prediction for item {conversation.index} turn {turn}: "
@@ -567,79 +519,6 @@ def run_visa_dr(model, processor, data: str | os.PathLike, out: str | os.PathLik
     if normals is not None:
         summary["references"] = {category: [str(p) for p in paths] for category, paths in normals.chosen.items()}
     return summary
-
-
-# --------------------------------------------------------------------------------------------------
-# MMAD
-
-
-def mmad_references(item: MMADItem, shots: int) -> list[Path]:
-    """The first `shots` templates: MMAD's similar templates first, then its random ones."""
-    pool = [*item.similar_templates, *(p for p in item.random_templates if p not in item.similar_templates)]
-    if len(pool) < shots:
-        raise DataError(f"{item.source}: {len(pool)} template images, fewer than --shots {shots}")
-    return pool[:shots]
-
-
-def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, *,
-             image_root: str | os.PathLike | None = None, shots: int = 1, batch_size: int = 4,
-             max_new_tokens: int = 32, limit: int | None = None) -> dict:
-    """MMAD multiple-choice accuracy per question type, resumable through OUT/mmad_predictions.jsonl.
-
-    Each question is asked on its own (one turn) with the item's templates as normal references.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    reader = MMADReader(data, image_root=image_root)
-    items = list(reader.items())
-    if not items:
-        raise DataError(f"{reader.path}: no MMAD items")
-    items = items[:limit] if limit is not None else items
-    log = PredictionLog(out / MMAD_PREDICTIONS_FILE, ("item", "question_index"))
-    pending = [(i, item, q, question) for i, item in enumerate(items) for q, question in enumerate(item.questions)
-               if _check_recorded(log.get(i, q), {"image": _relative(item.image, reader.image_root),
-                                                  "question": question.question}, log) is None]
-    total = sum(len(item.questions) for item in items)
-    if total - len(pending):
-        _log(f"mmad: {total - len(pending)} of {total} questions already answered in {log.path}")
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start:start + batch_size]
-        dialogues = [Dialogue(load_image(item.image), [load_image(p) for p in mmad_references(item, shots)])
-                     for _, item, _, _ in batch]
-        answers = reply(model, processor, dialogues, [mmad_prompt(question) for *_, question in batch],
-                        max_new_tokens=max_new_tokens)
-        records = []
-        for (i, item, q, question), answer in zip(batch, answers):
-            choice = parse_choice(answer, question.options)
-            records.append({"item": i, "question_index": q, "image": _relative(item.image, reader.image_root),
-                            "type": question.question_type, "question": question.question,
-                            "options": dict(question.options), "answer": question.answer, "response": answer,
-                            "choice": choice, "correct": choice == question.answer})
-        log.append(records)
-        _log(f"mmad: {total - len(pending) + start + len(batch)}/{total} questions")
-    by_type: dict[str, list[dict]] = defaultdict(list)
-    for i, item in enumerate(items):
-        for q in range(len(item.questions)):
-            record = log.get(i, q)
-            # Re-read the letter from the text, so a change of parser applies to recorded answers too.
-            options = list(record["options"].items())
-            record["choice"] = parse_choice(record["response"], options)
-            record["correct"] = record["choice"] == record["answer"]
-            by_type[record["type"]].append(record)
-    records = [r for rows in by_type.values() for r in rows]
-    _rewrite_keeping_others(log, records)
-    per_type = {name: {"accuracy": _mean([float(r["correct"]) for r in rows]),
-                       "correct": sum(r["correct"] for r in rows), "total": len(rows),
-                       "unparsed": sum(r["choice"] is None for r in rows)}
-                for name, rows in sorted(by_type.items())}
-    return {
-        "accuracy": _mean([float(r["correct"]) for r in records]),
-        "mean_over_types": _mean([row["accuracy"] for row in per_type.values()]),
-        "types": per_type,
-        "counts": {"items": len(items), "questions": len(records), "correct": sum(r["correct"] for r in records),
-                   "unparsed": sum(r["choice"] is None for r in records)},
-        "shots": shots,
-    }
 
 
 def write_results(out: str | os.PathLike, results: dict[str, Any]) -> Path:

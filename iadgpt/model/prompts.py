@@ -52,16 +52,19 @@ def detection_inputs(processor, exemplars: list[list[Image.Image]], queries: lis
                                          for refs, query in zip(exemplars, queries, strict=True)])
 
 
-def generation_inputs(processor, conversations: list[tuple[list[dict], list[Image.Image], list[int] | None]]):
+def generation_inputs(processor, conversations: list[tuple[list[dict], list[Image.Image], list[int] | None]],
+                      template_options: dict | None = None):
     """Left-padded model inputs for a batch of (chat messages, their images, image roles or None).
 
     Left padding puts every row's answer position last, where the image score is read and where
     generation starts; `image_roles` tells the model which images are compressible exemplars (None:
-    the model's default, every image but the last of a prompt an exemplar).
+    the model's default, every image but the last of a prompt an exemplar). `template_options` are
+    extra variables of the chat template (e.g. `add_vision_id`, which MMAD's official script sets).
     """
     texts, images, roles = [], [], []
     for messages, conversation_images, conversation_roles in conversations:
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                   **(template_options or {})))
         images.extend(image.convert("RGB") for image in conversation_images)
         roles.append(conversation_roles)
     processor.tokenizer.padding_side = "left"

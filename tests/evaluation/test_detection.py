@@ -120,13 +120,22 @@ def test_results_json_has_the_promised_shape_and_values_in_range(baseline):
     assert counter.calls == len(RUNS) * 2 * 2  # per run and category: 6 queries = batches of 4 + 2
 
 
-def test_reports_manifest_overlays_and_plots_are_written(baseline, dataset):
+def test_reports_manifest_overlays_and_plots_are_written(baseline, dataset, tiny_checkpoint):
+    from iadgpt.model.checkpoint import load_processor, pixel_limits
+
     out, _, _ = baseline
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("k,category,image_auroc_mean,image_auroc_std") and len(rows) == 1 + 3 * 3
     markdown = (out / "results.md").read_text()
     assert "| Category | 0-shot I-AUROC | 0-shot P-AUROC | 1-shot I-AUROC" in markdown
     assert "| disc |" in markdown and "| tile |" in markdown and "| **Mean** |" in markdown
+    # The protocol note states this run's draw, resolution, normalisation and AUPRO definition.
+    protocol = markdown[markdown.index("## Protocol"):]
+    low, high = pixel_limits(load_processor(tiny_checkpoint))
+    assert "k normal images drawn without replacement from the category's train split" in protocol
+    assert f"between {low} and {high} pixels" in protocol and "upsampled bilinearly to 128 px on the long" in protocol
+    assert "min-max normalised together" in protocol
+    assert "8-connected components" in protocol and "from 0 to FPR 0.3" in protocol and "divided by 0.3" in protocol
     for category in ("disc", "tile"):
         overlays = sorted((out / "overlays" / category).glob("k2_seed0_*.png"))
         assert len(overlays) == 4
@@ -155,6 +164,7 @@ def test_the_same_manifest_gives_identical_results(baseline, tiny_checkpoint, da
     run_detection(replay, inspector=CountingInspector(inspector))
     assert (tmp_path / "results.json").read_text() == (out / "results.json").read_text()
     assert (tmp_path / "manifest.json").read_text() == (out / "manifest.json").read_text()
+    assert f"replayed from the manifest {out / 'manifest.json'}" in (tmp_path / "results.md").read_text()
 
 
 def test_reference_draws_are_fixed_by_seed(tiny_checkpoint, dataset, tmp_path):

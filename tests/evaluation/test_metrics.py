@@ -41,15 +41,16 @@ def brute_force_f1_max(labels, scores):
     return best
 
 
-def brute_force_aupro(masks, maps, max_fpr):
+def brute_force_aupro(masks, maps, max_fpr, structure=np.ones((3, 3))):
     """AUPRO straight from the definition, threshold by threshold, region by region.
 
-    Regions: scipy.ndimage.label with a 3x3 structure (8-connectivity), as in MVTec's reference.
+    Regions: scipy.ndimage.label with a 3x3 structure (8-connectivity), as in MVTec's reference
+    (`structure` lets a test show that another connectivity gives another number).
     Integration: MVTec's `trapezoid(x, y, x_max)` logic (bisect + linear interpolation).
     """
     regions = []
     for image_index, mask in enumerate(masks):
-        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        labelled, count = ndimage.label(mask, structure=structure)
         regions += [(image_index, labelled == k) for k in range(1, count + 1)]
     normal_scores = np.concatenate([m[~mask] for mask, m in zip(masks, maps)])
     thresholds = np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]
@@ -384,6 +385,40 @@ def test_aupro_matches_brute_force_reference(seed, max_fpr):
     expected = brute_force_aupro(masks, maps, max_fpr)
     assert aupro(masks, maps, max_fpr=max_fpr) == pytest.approx(expected, abs=1e-9)
     assert 0.0 < expected < 1.0
+
+
+def hand_built_masks_and_maps():
+    """Three 8x8 images: two defects touching only at a corner plus a one-pixel defect; a one-pixel
+    defect beside a 3x3 one; a defect-free image with a strong false positive. Maps: quantised
+    noise (ties) plus a signal that finds some regions better than others."""
+    rng = np.random.default_rng(11)
+    masks = [np.zeros((8, 8), dtype=bool) for _ in range(3)]
+    masks[0][1:3, 1:3] = True
+    masks[0][3:5, 3:5] = True  # touches the block above only at the corner (2, 2)-(3, 3)
+    masks[0][0, 7] = True      # one pixel
+    masks[1][4, 4] = True      # one pixel
+    masks[1][0:3, 5:8] = True
+    maps = [np.round(rng.uniform(0.0, 0.6, (8, 8)), 1) for _ in range(3)]
+    maps[0][1:3, 1:3] += 0.5   # one half of the corner-touching pair stands out, the other does not
+    maps[0][0, 7] = 0.9
+    maps[1][0:3, 5:8] += 0.2
+    maps[2][2, 2] = 1.0        # a false positive above every defect pixel
+    return masks, maps
+
+
+@pytest.mark.parametrize("max_fpr", [0.3, 0.1])
+def test_aupro_equals_the_mvtec_definition_on_hand_built_masks(max_fpr):
+    masks, maps = hand_built_masks_and_maps()
+    # 8-connectivity joins the corner-touching blocks: 2 regions in image 0 (3 with the cross), 2 in image 1.
+    assert ndimage.label(masks[0], structure=np.ones((3, 3)))[1] == 2 and ndimage.label(masks[0])[1] == 3
+    expected = brute_force_aupro(masks, maps, max_fpr)
+    assert aupro(masks, maps, max_fpr=max_fpr) == pytest.approx(expected, abs=1e-12)
+    # The case tells the definitions apart: 4-connected regions, or no defect-free image, change it.
+    assert abs(brute_force_aupro(masks, maps, max_fpr, structure=ndimage.generate_binary_structure(2, 1))
+               - expected) > 1e-3
+    assert abs(aupro(masks[:2], maps[:2], max_fpr=max_fpr) - expected) > 1e-4
+    assert aupro(masks[:2], maps[:2], max_fpr=max_fpr) == pytest.approx(
+        brute_force_aupro(masks[:2], maps[:2], max_fpr), abs=1e-12)
 
 
 def test_pro_curve_full_range_ends_at_one_one_and_is_monotone():

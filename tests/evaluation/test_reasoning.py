@@ -1,4 +1,6 @@
-"""Reasoning benchmark: answer parsing, SBERT, prediction files, resume, bad input, GPT-score, MMAD.
+"""Reasoning benchmark: answer parsing, SBERT, prediction files, resume, bad input, GPT-score.
+
+MMAD has its own tests (test_mmad.py); here only that the recipe runs both parts together.
 
 The tiny random-weight model produces random text, so the end-to-end runs check mechanics (what is
 asked, what is recorded, what is resumed); the metric values are checked with scripted answers.
@@ -20,15 +22,11 @@ from iadgpt.data.samples import DataError
 from iadgpt.evaluation import reasoning
 from iadgpt.evaluation.reasoning import (
     GPTScorer,
-    mmad_prompt,
-    parse_choice,
     parse_gpt_score,
     parse_yes_no,
-    run_mmad,
     run_visa_dr,
     sbert_similarities,
 )
-from iadgpt.data.readers import MultipleChoiceQuestion
 
 RECIPE = Path(__file__).resolve().parents[2] / "eval" / "reasoning.py"
 DETECTION_QUESTION = "Is there any defect or anomaly in the query image? Answer Yes or No."
@@ -139,28 +137,6 @@ def test_parse_yes_no_strict_reads_only_the_first_word():
     assert parse_yes_no("There is a crack.", strict=True) is None
 
 
-OPTIONS = (("A", "Yes."), ("B", "No."))
-KINDS = (("A", "Scratch."), ("B", "Dent."), ("C", "Crack."))
-
-
-@pytest.mark.parametrize(("text", "options", "expected"), [
-    ("B", OPTIONS, "B"), ("B.", OPTIONS, "B"), ("(A)", OPTIONS, "A"), ("**C**: Crack.", KINDS, "C"),
-    ("C) Crack", KINDS, "C"), ("The answer is B.", KINDS, "B"), ("Answer: (C)", KINDS, "C"),
-    ("I would pick option B here", KINDS, "B"), ("It is a dent.", KINDS, "B"),
-    ("A crack is visible.", KINDS, "C"),  # leading "A" is the article; the option text decides
-    ("A", OPTIONS, "A"), ("A scratch or a dent", KINDS, None), ("no idea", KINDS, None), ("", KINDS, None),
-    ("D", KINDS, None),
-])
-def test_parse_choice(text, options, expected):
-    assert parse_choice(text, options) == expected
-
-
-def test_mmad_prompt_lists_the_options_and_asks_for_a_letter():
-    question = MultipleChoiceQuestion("What kind of defect?", KINDS, "C", "Defect Classification")
-    assert mmad_prompt(question) == ("What kind of defect?\nA. Scratch.\nB. Dent.\nC. Crack.\n"
-                                     "Answer with the option's letter from the given choices directly.")
-
-
 @pytest.mark.parametrize(("text", "expected"), [("7", 7.0), ("Score: 8.5/10", 8.5), ("10", 10.0), ("0", 0.0),
                                                 ("42", None), ("none", None)])
 def test_parse_gpt_score(text, expected):
@@ -213,14 +189,15 @@ def test_recipe_writes_results_json(tiny_checkpoint, dataset, tmp_path, capsys):
     results = load_recipe().main([
         "--model", str(tiny_checkpoint), "--data", str(dataset["data"]), "--image-root", str(dataset["images"]),
         "--out", str(out), "--mmad", str(dataset["mmad"]), "--mmad-root", str(dataset["images"]),
-        "--max-new-tokens", "4", "--shots", "1"])
+        "--max-new-tokens", "4", "--mmad-max-new-tokens", "4", "--shots", "1"])
     written = json.loads((out / "results.json").read_text())
     assert written == json.loads(capsys.readouterr().out)
     assert {"sbert", "accuracy", "counts", "mmad"} <= set(written) and results["shots"] == 0
     assert written["counts"]["questions"] == QUESTIONS_PER_RUN
-    assert written["mmad"]["counts"]["questions"] == 3
-    assert set(written["mmad"]["types"]) == {"Anomaly Detection", "Defect Classification"}
+    assert written["mmad"]["counts"]["answers"] == 3 and written["mmad"]["references"] == "random_templates"
+    assert written["mmad"]["columns"][:2] == ["Anomaly Detection", "Defect Classification"]
     assert len(read_jsonl(out / "mmad_predictions.jsonl")) == 3
+    assert len(json.loads((out / "mmad_answers.json").read_text())) == 3
 
 
 def test_metrics_from_scripted_answers(sentence_model, dataset, tmp_path, monkeypatch):
@@ -383,36 +360,6 @@ def test_gpt_score_errors_name_the_endpoint():
     with JudgeServer(status=500) as judge:
         with pytest.raises(RuntimeError, match=f"{judge.url}/chat/completions failed after 1 attempts"):
             GPTScorer(judge.url, "judge", retries=0, timeout=5).score("q", "r", "a")
-
-
-# --------------------------------------------------------------------------------------------------
-# MMAD
-
-
-def test_mmad_accuracy_per_question_type(dataset, tmp_path, monkeypatch):
-    calls = []
-    answers = {
-        mmad_prompt(MultipleChoiceQuestion("Is there any defect in the object?", OPTIONS, "A", "")): "A",
-        mmad_prompt(MultipleChoiceQuestion("What kind of defect?", KINDS, "C", "")): "The answer is C.",
-    }
-    monkeypatch.setattr(reasoning, "reply", scripted_reply(answers, calls))
-    summary = run_mmad(None, None, dataset["mmad"], tmp_path / "out", image_root=dataset["images"], shots=1)
-    # Item 0: A (right), C (right); item 1: answer B expected, "A" given (wrong).
-    assert summary["types"]["Anomaly Detection"] == {"accuracy": 0.5, "correct": 1, "total": 2, "unparsed": 0}
-    assert summary["types"]["Defect Classification"]["accuracy"] == 1.0
-    assert summary["accuracy"] == pytest.approx(2 / 3) and summary["mean_over_types"] == 0.75
-    assert all(n == 1 for batch in calls for _, _, n in batch)  # one similar template as the reference
-    lines = read_jsonl(tmp_path / "out" / "mmad_predictions.jsonl")
-    assert [l["choice"] for l in lines] == ["A", "C", "A"]
-    calls.clear()
-    run_mmad(None, None, dataset["mmad"], tmp_path / "out", image_root=dataset["images"], shots=1)
-    assert calls == []  # resumed
-
-
-def test_mmad_needs_enough_templates(dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(reasoning, "reply", scripted_reply({}, []))
-    with pytest.raises(DataError, match=r"mmad\.json.*1 template images, fewer than --shots 2"):
-        run_mmad(None, None, dataset["mmad"], tmp_path / "out", image_root=dataset["images"], shots=2)
 
 
 def test_limit_keeps_the_other_recorded_predictions(sentence_model, dataset, tmp_path, monkeypatch):
