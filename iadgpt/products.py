@@ -7,12 +7,18 @@ figures (`calibration/scores.csv`, `calibration/histogram.png`). The products fo
 DIR`, else `$IADGPT_PRODUCTS`, else `./products`.
 
 Writes are atomic: a product is assembled in a hidden temporary folder and renamed into place, and a
-calibration is written beside `product.json` and renamed over it, so a crash leaves the old product
-or the new one, never half of one. Names starting with "." are never products.
+calibration is written beside `product.json` and renamed over it. Writers take the store's lock
+(`.lock`, an advisory `flock`), so the CLI and a running service never interleave their writes. A
+process killed mid-write can leave a hidden staging folder behind, or (killed between the two renames
+that replace a product) the old product moved aside; `ProductStore.recover`, run before every write
+and when the service starts, puts such a product back and deletes the leftovers. So a crash leaves
+the old product or the new one, never half of one. Names starting with "." are never products.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +37,10 @@ from .data.samples import image_digest, load_image
 FORMAT = 1
 """The product.json layout this version writes and reads."""
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+LEFTOVER = re.compile(r"^\.(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,99})\.(?P<kind>new|old|removed)-[A-Za-z0-9_]+$")
+"""The hidden folders a write works in (`tempfile.mkdtemp` names): `.NAME.new-*` is being assembled,
+`.NAME.old-*/NAME` is the version being replaced, `.NAME.removed-*/NAME` is being deleted."""
+LOCK_FILE = ".lock"
 ENVIRONMENT = "IADGPT_PRODUCTS"
 
 
@@ -156,6 +166,46 @@ class ProductStore:
     def path(self, name: str) -> Path:
         return self.folder / check_name(name)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """Hold the store's write lock, with the leftovers of killed writers cleared first."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            self._recover_locked()
+            yield
+
+    def recover(self) -> list[str]:
+        """Undo what killed writers left: a product moved aside by an unfinished replacement goes back
+        in place, staging and retired folders are deleted. Does nothing while another process
+        writes (it holds the lock, and its folders are not leftovers). Returns what it did."""
+        if not self.folder.is_dir():
+            return []
+        with open(self.folder / LOCK_FILE, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return []
+            return self._recover_locked()
+
+    def _recover_locked(self) -> list[str]:
+        done = []
+        for parent in [self.folder, *(self.folder / name for name in self.names())]:
+            for leftover in sorted(parent.iterdir()):
+                match = LEFTOVER.match(leftover.name)
+                if match is None or not leftover.is_dir():
+                    if leftover.name == ".product.json.new":  # product.json is only replaced by a rename
+                        leftover.unlink()
+                        done.append(f"deleted {leftover}")
+                    continue
+                name, kind = match["name"], match["kind"]
+                if kind == "old" and (leftover / name).exists() and not (parent / name).exists():
+                    os.replace(leftover / name, parent / name)  # its replacement never arrived
+                    done.append(f"restored {parent / name}")
+                shutil.rmtree(leftover)
+                done.append(f"deleted {leftover}")
+        return done
+
     def names(self) -> list[str]:
         if not self.folder.is_dir():
             return []
@@ -187,16 +237,22 @@ class ProductStore:
             question: str | None = None, overwrite: bool = False) -> Product:
         """Store a product: its reference images (paths, or (name, PIL image) pairs) copied in, the
         model's digest, the question."""
-        from .model.settings import DetectionQuestion
-
         target = self.path(name)
-        if target.exists() and not overwrite:
+        if target.exists() and not overwrite:  # refused before the work; checked again under the lock
             raise ProductExists(f"product {name!r} already exists in {self.folder}: pass --overwrite to replace it")
         if not normals:
             raise ProductError("a product needs at least one normal reference image")
         digest = checkpoint_digest(model)
         model_name = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else str(model)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._writing():
+            if target.exists() and not overwrite:
+                raise ProductExists(f"product {name!r} already exists in {self.folder}: pass --overwrite to replace "
+                                    "it")
+            return self._add_locked(name, target, model_name, digest, normals, abnormal, question)
+
+    def _add_locked(self, name, target, model_name, digest, normals, abnormal, question) -> Product:
+        from .model.settings import DetectionQuestion
+
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.new-", dir=self.folder))
         try:
             stored = {}
@@ -221,32 +277,34 @@ class ProductStore:
         return product
 
     def remove(self, name: str) -> None:
-        target = self.get(name).folder
-        retired = Path(tempfile.mkdtemp(prefix=f".{name}.removed-", dir=self.folder))
-        os.replace(target, retired / name)  # gone from the store at once; the files follow
-        shutil.rmtree(retired, ignore_errors=True)
+        with self._writing():
+            target = self.get(name).folder
+            retired = Path(tempfile.mkdtemp(prefix=f".{name}.removed-", dir=self.folder))
+            os.replace(target, retired / name)  # gone from the store at once; the files follow
+            shutil.rmtree(retired, ignore_errors=True)
 
     def save_calibration(self, product: Product, calibration: Calibration, rows: list[tuple[str, str, float]],
                          histogram: Image.Image) -> Product:
         """Write the calibration files, then product.json with the threshold, each by a rename."""
         files = {"scores": "calibration/scores.csv", "histogram": "calibration/histogram.png"}
-        staging = Path(tempfile.mkdtemp(prefix=".calibration.new-", dir=product.folder))
-        try:
-            with (staging / "scores.csv").open("w", encoding="utf-8") as stream:
-                stream.write("path,kind,score\n")
-                stream.writelines(f"{path},{kind},{score:.6f}\n" for path, kind, score in rows)
-            histogram.save(staging / "histogram.png")
-            self._replace(staging, product.folder / "calibration")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        calibration.files = files
-        product.calibration = calibration
-        manifest = product.folder / "product.json"
-        temporary = manifest.with_name(".product.json.new")
-        temporary.write_text(json.dumps(product.to_json(), indent=2))
-        os.replace(temporary, manifest)
-        return product
+        with self._writing():
+            staging = Path(tempfile.mkdtemp(prefix=".calibration.new-", dir=product.folder))
+            try:
+                with (staging / "scores.csv").open("w", encoding="utf-8") as stream:
+                    stream.write("path,kind,score\n")
+                    stream.writelines(f"{path},{kind},{score:.6f}\n" for path, kind, score in rows)
+                histogram.save(staging / "histogram.png")
+                self._replace(staging, product.folder / "calibration")
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            calibration.files = files
+            product.calibration = calibration
+            manifest = product.folder / "product.json"
+            temporary = manifest.with_name(".product.json.new")
+            temporary.write_text(json.dumps(product.to_json(), indent=2))
+            os.replace(temporary, manifest)
+            return product
 
     def _replace(self, staging: Path, target: Path) -> None:
         """Put the finished `staging` folder at `target`, replacing what is there (by renames only)."""

@@ -72,7 +72,7 @@ def test_add_calibrate_inspect_and_remove_a_product(tiny_checkpoint, line, tmp_p
     product("list", "--products", products)
     assert "bracket\t3 normal, 0 abnormal\tthreshold" in capsys.readouterr().out
     product("remove", "bracket", "--products", products)
-    assert ProductStore(products).names() == [] and not any(products.iterdir())
+    assert ProductStore(products).names() == [] and [p.name for p in products.iterdir()] == [".lock"]
 
 
 def test_thresholds_by_hand():
@@ -132,7 +132,7 @@ def test_a_product_appears_whole_or_not_at_all(tiny_checkpoint, line, tmp_path, 
     (line["refs"] / "broken.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match="broken.png: cannot decode"):
         product("add", "bracket", "--model", tiny_checkpoint, "--normals", line["refs"], "--products", products)
-    assert ProductStore(products).names() == [] and list(products.iterdir()) == []
+    assert ProductStore(products).names() == [] and [p.name for p in products.iterdir()] == [".lock"]
     (line["refs"] / "broken.png").unlink()
     product("add", "bracket", "--model", tiny_checkpoint, "--normals", line["refs"], "--products", products)
     before = (products / "bracket" / "product.json").read_text()
@@ -150,6 +150,54 @@ def test_a_product_appears_whole_or_not_at_all(tiny_checkpoint, line, tmp_path, 
     with pytest.raises(OSError, match="No space left"):
         ProductStore(products).add("bracket", tiny_checkpoint, sorted(line["held_out"].iterdir()), overwrite=True)
     assert (products / "bracket" / "product.json").read_text() == before
-    assert sorted(p.name for p in products.iterdir()) == ["bracket"]
+    assert sorted(p.name for p in products.iterdir()) == [".lock", "bracket"]
     with pytest.raises(ProductError, match="at least one normal"):
         ProductStore(products).add("empty", tiny_checkpoint, [])
+
+
+def test_leftovers_of_killed_writes_are_undone_but_not_those_of_a_running_writer(tiny_checkpoint, line, tmp_path):
+    """What a writer killed at each step leaves: a half-assembled product, a product moved aside by an
+    unfinished replacement (its new version never renamed in), a half-deleted product, a
+    half-written calibration and product.json. `recover` puts the moved-aside product back and
+    deletes the rest; while another process holds the write lock it touches nothing."""
+    import fcntl
+    import shutil
+
+    products = tmp_path / "products"
+    store = ProductStore(products)
+    for name in ("bracket", "hinge", "gear"):
+        store.add(name, tiny_checkpoint, sorted(line["refs"].iterdir()))
+    hinge_manifest = (products / "hinge" / "product.json").read_text()
+    # killed while assembling "clip": a staging folder with some images and no product.json
+    shutil.copytree(products / "bracket", products / ".clip.new-a1b2c3")
+    (products / ".clip.new-a1b2c3" / "product.json").unlink()
+    # killed between the two renames that replace "hinge": the old one aside, the new one staged
+    (products / ".hinge.old-x_y").mkdir()
+    (products / "hinge").rename(products / ".hinge.old-x_y" / "hinge")
+    shutil.copytree(products / "bracket", products / ".hinge.new-zz9")
+    # killed while deleting "bolt": moved aside, not yet deleted
+    (products / ".bolt.removed-q").mkdir()
+    shutil.copytree(products / "bracket", products / ".bolt.removed-q" / "bolt")
+    # killed while calibrating "gear": its staging folder and a half-written product.json
+    (products / "gear" / ".calibration.new-k").mkdir()
+    (products / "gear" / ".calibration.new-k" / "scores.csv").write_text("path,kind,score\n")
+    (products / "gear" / ".product.json.new").write_text('{"format": 1, "na')
+    # someone else's hidden file is not ours to delete
+    (products / ".notes").write_text("keep")
+
+    with open(products / ".lock", "a") as lock:  # another process writing: nothing is touched
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert ProductStore(products).recover() == []
+        assert (products / ".clip.new-a1b2c3").is_dir() and not (products / "hinge").exists()
+
+    done = ProductStore(products).recover()
+    assert f"restored {products / 'hinge'}" in done and len(done) == 7
+    assert sorted(p.name for p in products.iterdir()) == [".lock", ".notes", "bracket", "gear", "hinge"]
+    assert sorted(p.name for p in (products / "gear").iterdir()) == ["normals", "product.json"]
+    assert (products / "hinge" / "product.json").read_text() == hinge_manifest
+    assert ProductStore(products).names() == ["bracket", "gear", "hinge"]
+    assert ProductStore(products).recover() == []
+    # a write clears leftovers first, under the lock
+    (products / ".clip.new-again").mkdir()
+    store.remove("gear")
+    assert sorted(p.name for p in products.iterdir()) == [".lock", ".notes", "bracket", "hinge"]

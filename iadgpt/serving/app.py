@@ -23,6 +23,7 @@ import asyncio
 import base64
 import hmac
 import io
+import logging
 import os
 import threading
 import time
@@ -236,6 +237,8 @@ def create_app(settings: ServeSettings, inspector=None):
 
     async def lifespan(app):
         nonlocal inspector
+        for action in store.recover():  # leftovers of a killed write, before any request sees the store
+            logging.getLogger("iadgpt.serve").warning("products: %s", action)
         if inspector is None:
             from ..inspection import Inspector
 

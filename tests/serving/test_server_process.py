@@ -59,10 +59,12 @@ def test_restart_keeps_products_and_a_killed_write_leaves_no_half_product(tiny_c
             thread.join()
             for folder in products.iterdir():
                 if folder.name.startswith("."):
-                    continue  # an unfinished staging folder: never a product
+                    continue  # the lock, or an unfinished staging folder: never a product
                 manifest = json.loads((folder / "product.json").read_text())
                 assert all((folder / path).is_file() for path in manifest["normals"])
             server = start(tiny_checkpoint, products, port)
+            # the restarted service cleared what the killed write left (its staging folder)
+            assert [p.name for p in products.iterdir() if p.name.startswith(".")] == [".lock"]
             names = [p["name"] for p in httpx.get(f"{url}/v1/products").json()["products"]]
             assert "bracket" in names and set(names) <= {"bracket", "big"}
     finally:
