@@ -77,6 +77,17 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error"}
+"""OpenAI's error types by status (other refusals: "invalid_request_error"), so that OpenAI client
+libraries raise their matching exception with the message."""
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """A refusal in OpenAI's error shape, on every endpoint: {"error": {"message", "type", "code"}}."""
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
 def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
     """An uploaded image as RGB, or a RequestError naming it (422 undecodable, 413 too many pixels)."""
     try:
@@ -286,7 +297,7 @@ def create_app(settings: ServeSettings, inspector=None):
                                                 f"{settings.max_request_bytes} (max_request_bytes)")
                 await self.app(scope, receive, send_status)
             except RequestError as error:
-                await JSONResponse({"error": error.message}, status_code=error.status)(scope, receive, send_status)
+                await error_response(error.status, error.message)(scope, receive, send_status)
             finally:
                 name = getattr(scope.get("route"), "path", scope["path"])  # the route's template, not the URL
                 requests_total.labels(name, str(status[0])).inc()
@@ -296,12 +307,12 @@ def create_app(settings: ServeSettings, inspector=None):
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, error: RequestError):
-        return JSONResponse({"error": error.message}, status_code=error.status)
+        return error_response(error.status, error.message)
 
     @app.exception_handler(ProductError)
     async def product_error(request: Request, error: ProductError):
         status = 404 if isinstance(error, ProductNotFound) else 409 if isinstance(error, ProductExists) else 422
-        return JSONResponse({"error": str(error)}, status_code=status)
+        return error_response(status, str(error))
 
     async def body_bytes(request: Request) -> bytes:
         """The body, refused once it grows past the limit (a chunked upload has no length header)."""

@@ -33,6 +33,7 @@ def client_for(tiny_checkpoint, tmp_path):
         settings = ServeSettings(model=str(tiny_checkpoint), products=str(tmp_path / "products"), max_queries=4,
                                  **overrides)
         client = TestClient(create_app(settings))
+        client.app_state_products = settings.products
         clients.append(client.__enter__())
         return client
 
@@ -102,17 +103,17 @@ def test_every_refusal_has_its_status_and_names_the_problem(client_for, random_i
     ]
     for body, status, message in cases:
         answer = client.post("/v1/inspect", json=body)
-        assert answer.status_code == status and message in answer.json()["error"], (body.keys(), answer.text)
+        assert answer.status_code == status and message in answer.json()["error"]["message"], (body.keys(), answer.text)
     big = client.post("/v1/inspect", content=b"x" * 2_100_000, headers={"content-type": "application/json"})
-    assert big.status_code == 413 and "max_request_bytes" in big.json()["error"]
+    assert big.status_code == 413 and "max_request_bytes" in big.json()["error"]["message"]
     made = {"name": "bracket"}, [("normals", ("a.png", png(random_image()), "image/png"))]
     assert client.post("/v1/products", data=made[0], files=made[1]).status_code == 201
     duplicate = client.post("/v1/products", data=made[0], files=made[1])
-    assert duplicate.status_code == 409 and "pass --overwrite" in duplicate.json()["error"]
+    assert duplicate.status_code == 409 and "pass --overwrite" in duplicate.json()["error"]["message"]
     bad_name = client.post("/v1/products", data={"name": "../etc"}, files=made[1])
-    assert bad_name.status_code == 422 and "no path separators" in bad_name.json()["error"]
+    assert bad_name.status_code == 422 and "no path separators" in bad_name.json()["error"]["message"]
     both = client.post("/v1/inspect", json={"product": "bracket", "normals": [image], "images": [image]})
-    assert both.status_code == 422 and "not both" in both.json()["error"]
+    assert both.status_code == 422 and "not both" in both.json()["error"]["message"]
 
 
 def test_an_api_key_guards_every_v1_endpoint(client_for, random_image):
@@ -179,6 +180,36 @@ def test_openai_compatible_chat_answers_as_the_dialogue_does_and_streams(client_
     assert streamed.strip() == text
 
 
+def test_the_openai_client_library_talks_to_the_chat_endpoint(client_for, random_image, tiny_checkpoint):
+    """The official `openai` package, pointed at the service: its key as the service's API key, a
+    product named in `extra_body`, a plain and a streamed completion, a wrong key refused as such."""
+    import openai
+
+    from iadgpt.products import ProductStore
+
+    client = client_for(api_key="line-3-key")
+    normal, query = random_image(), random_image()
+    ProductStore(client.app_state_products).add("bracket", tiny_checkpoint, [("normal", normal)])
+    question = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(query)}},
+                                             {"type": "text", "text": "Is there a defect?"}]}]
+    plain = client.post("/v1/chat/completions", headers={"Authorization": "Bearer line-3-key"},
+                        json={"messages": question, "product": "bracket", "max_tokens": 6}).json()
+    expected = plain["choices"][0]["message"]["content"]
+
+    library = openai.OpenAI(base_url="http://testserver/v1", api_key="line-3-key", http_client=client, max_retries=0)
+    completion = library.chat.completions.create(model="iadgpt", messages=question, max_tokens=6,
+                                                 extra_body={"product": "bracket"})
+    assert completion.choices[0].message.content == expected and completion.choices[0].finish_reason == "stop"
+    assert completion.choices[0].message.role == "assistant" and completion.model == "iadgpt"
+    stream = library.chat.completions.create(model="iadgpt", messages=question, max_tokens=6, stream=True,
+                                             extra_body={"product": "bracket"})
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed.strip() == expected
+    wrong = openai.OpenAI(base_url="http://testserver/v1", api_key="guess", http_client=client, max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+        wrong.chat.completions.create(model="iadgpt", messages=question, extra_body={"product": "bracket"})
+
+
 @pytest.mark.parametrize("messages, message", [
     ([{"role": "user", "content": "Is there a defect?"}], "no image"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}],
@@ -195,7 +226,7 @@ def test_chat_refuses_malformed_conversations(client_for, random_image, messages
                 if part["image_url"]["url"] == "IMAGE":
                     part["image_url"]["url"] = data_url(random_image())
     answer = client.post("/v1/chat/completions", json={"messages": messages})
-    assert answer.status_code == 422 and message in answer.json()["error"]
+    assert answer.status_code == 422 and message in answer.json()["error"]["message"]
 
 
 def test_a_product_of_other_weights_is_refused_and_the_docs_are_served(client_for, random_image, tmp_path):
@@ -208,7 +239,7 @@ def test_a_product_of_other_weights_is_refused_and_the_docs_are_served(client_fo
     random_image().save(reference)
     ProductStore(tmp_path / "products").add("elsewhere", other, [reference])
     answer = client.post("/v1/inspect", json={"product": "elsewhere", "images": [b64(random_image())]})
-    assert answer.status_code == 409 and "made with other weights" in answer.json()["error"]
+    assert answer.status_code == 409 and "made with other weights" in answer.json()["error"]["message"]
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/inspect", "/v1/products", "/v1/products/{name}", "/v1/products/{name}/calibrate",
