@@ -181,7 +181,11 @@ class ProductStore:
         writes (it holds the lock, and its folders are not leftovers). Returns what it did."""
         if not self.folder.is_dir():
             return []
-        with open(self.folder / LOCK_FILE, "a") as lock:
+        try:
+            lock = open(self.folder / LOCK_FILE, "a")
+        except OSError:  # a store we may only read: nobody writes here through us, nothing to undo
+            return []
+        with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

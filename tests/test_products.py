@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,7 +156,8 @@ def test_a_product_appears_whole_or_not_at_all(tiny_checkpoint, line, tmp_path, 
         ProductStore(products).add("empty", tiny_checkpoint, [])
 
 
-def test_leftovers_of_killed_writes_are_undone_but_not_those_of_a_running_writer(tiny_checkpoint, line, tmp_path):
+def test_leftovers_of_killed_writes_are_undone_but_not_those_of_a_running_writer(tiny_checkpoint, line, tmp_path,
+                                                                                 monkeypatch):
     """What a writer killed at each step leaves: a half-assembled product, a product moved aside by an
     unfinished replacement (its new version never renamed in), a half-deleted product, a
     half-written calibration and product.json. `recover` puts the moved-aside product back and
@@ -197,6 +199,17 @@ def test_leftovers_of_killed_writes_are_undone_but_not_those_of_a_running_writer
     assert (products / "hinge" / "product.json").read_text() == hinge_manifest
     assert ProductStore(products).names() == ["bracket", "gear", "hinge"]
     assert ProductStore(products).recover() == []
+    # a store this process may only read (opening the lock fails): served as it is, nothing touched
+    (products / ".clip.new-ro").mkdir()
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).name == ".lock":
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr("iadgpt.products.open", read_only, raising=False)
+    assert ProductStore(products).recover() == [] and (products / ".clip.new-ro").is_dir()
+    monkeypatch.undo()
     # a write clears leftovers first, under the lock
     (products / ".clip.new-again").mkdir()
     store.remove("gear")
