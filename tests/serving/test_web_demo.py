@@ -1,5 +1,5 @@
 """The web demo at /ui in a real headless Chromium (Debian's `chromium`, driven by Playwright):
-create a product by uploading normal images, inspect a part, read the score from the page, move the
+create a product by uploading normal images (and see a refusal's message), inspect a part, read the score from the page, move the
 threshold, ask a question, and keep a screenshot."""
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def test_the_demo_in_a_browser(tiny_checkpoint, tmp_path, random_image):
             page.set_input_files("#new-normals", [str(p) for p in normals])
             page.click("#create")
             page.wait_for_selector("#product option[value=bracket]", state="attached")
+            page.click("#create")  # the same name again: the service's refusal is shown, message and all
+            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            assert page.text_content("#error").startswith("product 'bracket' already exists")
             page.set_input_files("#query", str(query))
             page.click("#inspect")
             page.wait_for_selector("#result:not([hidden])")
