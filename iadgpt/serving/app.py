@@ -299,7 +299,8 @@ def create_app(settings: ServeSettings, inspector=None):
             except RequestError as error:
                 await error_response(error.status, error.message)(scope, receive, send_status)
             finally:
-                name = getattr(scope.get("route"), "path", scope["path"])  # the route's template, not the URL
+                # the route's template, not the URL: a client making up paths must not make up time series
+                name = getattr(scope.get("route"), "path", "(no route)")
                 requests_total.labels(name, str(status[0])).inc()
                 latency.labels(name).observe(time.perf_counter() - start)
 

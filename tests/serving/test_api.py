@@ -81,8 +81,11 @@ def test_products_inspection_calibration_and_metrics(client_for, random_image, t
     assert again["threshold"] == threshold and again["results"][0]["label"] == \
         ("defective" if again["results"][0]["score"] >= threshold else "normal")
 
+    for made_up in ("/v1/nothing-1", "/v1/nothing-2", "/products/bracket"):
+        assert client.get(made_up).status_code == 404
     metrics = client.get("/metrics").text
     assert 'iadgpt_requests_total{endpoint="/v1/inspect",status="200"} 4.0' in metrics
+    assert 'iadgpt_requests_total{endpoint="(no route)",status="404"} 3.0' in metrics and "nothing-1" not in metrics
     assert "iadgpt_batch_size_count" in metrics and "iadgpt_reference_cache_hits_total" in metrics
     assert client.delete("/v1/products/bracket").json() == {"removed": "bracket"}
     assert client.get("/v1/products/bracket").status_code == 404
