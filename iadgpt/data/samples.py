@@ -145,12 +145,19 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str], background: tuple[int, int, int] | None = None) -> Image.Image:
     """Decode an image fully and return it as 8-bit RGB.
 
+    `background`: the colour an RGBA image is composited on (qwen_vl_utils, which the official MMAD
+    script reads images with, uses white); None drops the alpha channel, as Pillow's convert does.
     Raises DataError naming the file when it is missing, not an image, corrupt or truncated.
     """
-    return _to_8bit_rgb(_open_decoded(Path(path), "image"))
+    image = _open_decoded(Path(path), "image")
+    if background is not None and image.mode == "RGBA":
+        canvas = Image.new("RGB", image.size, background)
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    return _to_8bit_rgb(image)
 
 
 def image_digest(image: Image.Image) -> str:

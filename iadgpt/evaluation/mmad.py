@@ -11,8 +11,9 @@ Asking (`evaluation/examples/Transformers/qwen2_5_vl_query.py`, `QwenQuery.get_q
     option's letter from the given choices directly! ", for k > 0 the template sentence and the k
     templates, "Following is the query image: ", the query, "Following is the question list: ",
     the question and its options lettered A, B, ... in file order (`mmad_messages`);
-  * the chat template with `add_vision_id` ("Picture N: " before each image), images between
-    64x28x28 and 1280x28x28 pixels, greedy decoding, 128 new tokens at most;
+  * the chat template with `add_vision_id` ("Picture N: " before each image), images read and
+    resized as qwen_vl_utils does (`official_image`) and then by the processor to between 64x28x28
+    and 1280x28x28 pixels, greedy decoding, 128 new tokens at most;
   * the letter: the last standalone A-E of the answer, else the option whose text is closest to
     the answer (difflib); when neither gives one, the raw answer is recorded (`parse_answer_letter`).
 Scoring (`evaluation/examples/helper/summary.py`, `caculate_accuracy_mmad`; `score_answers`):
@@ -48,8 +49,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from ..data.readers import MMADItem, MMADReader, MultipleChoiceQuestion
 from ..data.samples import DataError, load_image
+from ..data.tasks import ResizeRule
 
 MMAD_PREDICTIONS_FILE = "mmad_predictions.jsonl"
 ANSWERS_FILE = "mmad_answers.json"
@@ -75,6 +79,9 @@ MMAD_MIN_PIXELS = 64 * 28 * 28
 MMAD_MAX_PIXELS = 1280 * 28 * 28
 MMAD_MAX_NEW_TOKENS = 128
 """The official Qwen2.5-VL script's processor limits and generation length."""
+QWEN_VL_UTILS_MIN_TOKENS = 4
+QWEN_VL_UTILS_MAX_TOKENS = 16384
+"""qwen_vl_utils' own limits, in tokens of factor x factor pixels, for the resize it does before the processor's."""
 
 LETTERS = ("A", "B", "C", "D", "E")
 """The letters the official parser reads and the summary accepts; anything else is left out."""
@@ -110,6 +117,21 @@ def mmad_messages(question_text: str, shots: int) -> list[dict]:
     content += [{"type": "text", "text": QUERY_INTRO}, {"type": "image"},
                 {"type": "text", "text": QUESTION_LIST_INTRO}, {"type": "text", "text": question_text}]
     return [{"role": "user", "content": content}]
+
+
+def official_image(path: str | os.PathLike, factor: int = 28) -> Image.Image:
+    """The image as the official script hands it to the processor.
+
+    The script reads images with qwen_vl_utils' `process_vision_info`, whose `fetch_image` composites
+    an RGBA image on white and resizes it (PIL's default filter, bicubic) to the multiples of
+    `factor` nearest its size, within 4 to 16384 tokens; only then does the processor resize that to
+    the MMAD limits. Resizing the original once instead lands on another grid for some sizes (a
+    1275x850 image: 43x29 tokens against the official 44x28), and every image's pixels differ.
+    """
+    image = load_image(path, background=(255, 255, 255))
+    rule = ResizeRule(factor, QWEN_VL_UTILS_MIN_TOKENS * factor ** 2, QWEN_VL_UTILS_MAX_TOKENS * factor ** 2)
+    size = rule.size(*image.size)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
 def mmad_references(item: MMADItem, shots: int, similar: bool = False) -> list[Path]:
@@ -471,6 +493,7 @@ def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, 
     if len(planned) - len(pending):
         log_progress(f"mmad: {len(planned) - len(pending)} of {len(planned)} questions already answered in "
                      f"{log.path}")
+    factor = ResizeRule.of_processor(processor).factor
     previous_limits = pixel_limits(processor)
     set_pixel_limits(processor, min_pixels, max_pixels)
     try:
@@ -478,7 +501,7 @@ def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, 
             batch = pending[start:start + batch_size]
             conversations = []
             for _, _, item, _, references, _, asked in batch:
-                images = [load_image(path) for path in references] + [load_image(item.image)]
+                images = [official_image(path, factor) for path in [*references, item.image]]
                 conversations.append((mmad_messages(asked.text, len(references)), images,
                                       [ROLE_EXEMPLAR] * len(references) + [ROLE_QUERY]))
             inputs = generation_inputs(processor, conversations, {"add_vision_id": True} if vision_ids else None)

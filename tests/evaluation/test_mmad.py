@@ -362,6 +362,38 @@ def test_parse_answer_letter_without_options_gives_none_and_the_raw_answer_is_ke
     assert mmad.answer_entry("DS/x.png", asked, "no idea")["gpt_answer"] == "no idea"
 
 
+def test_images_are_resized_as_qwen_vl_utils_then_the_processor(tiny_processor, tmp_path):
+    from iadgpt.model.checkpoint import pixel_limits, set_pixel_limits
+
+    # 1275 x 850: qwen_vl_utils rounds to 1288 x 840 (46 x 30 x 28). The processor then shrinks that
+    # to the MMAD maximum: beta = sqrt(1288 * 840 / (1280 * 784)) = 1.0383, 1288 / beta -> 44 x 28 and
+    # 840 / beta -> 28 x 28, so 88 x 56 patches of 14. From the original, beta = 1.0392 and
+    # 1275 / beta -> 43 x 28, 850 / beta -> 29 x 28: 86 x 58 patches, another grid.
+    Image.fromarray(np.full((850, 1275, 3), 90, dtype=np.uint8)).save(tmp_path / "wide.png")
+    image = mmad.official_image(tmp_path / "wide.png", 28)
+    assert image.size == (1288, 840) and image.mode == "RGB"
+    previous = pixel_limits(tiny_processor)
+    set_pixel_limits(tiny_processor, mmad.MMAD_MIN_PIXELS, mmad.MMAD_MAX_PIXELS)
+    try:
+        grid = lambda picture: tiny_processor.image_processor(images=[picture], return_tensors="pt")[  # noqa: E731
+            "image_grid_thw"][0].tolist()
+        assert grid(image) == [1, 56, 88]
+        assert grid(Image.open(tmp_path / "wide.png")) == [1, 58, 86]
+    finally:
+        set_pixel_limits(tiny_processor, *previous)
+    # A size already on the grid is left as it is; an RGBA image is composited on white, as
+    # qwen_vl_utils does (Pillow's convert would keep the hidden colour of a transparent pixel).
+    rgba = np.zeros((56, 84, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :42, 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "alpha.png")
+    image = mmad.official_image(tmp_path / "alpha.png", 28)
+    assert image.size == (84, 56)
+    assert image.getpixel((0, 0)) == (200, 0, 0) and image.getpixel((83, 55)) == (255, 255, 255)
+    with pytest.raises(DataError, match=r"missing\.png: image file does not exist"):
+        mmad.official_image(tmp_path / "missing.png", 28)
+
+
 # --------------------------------------------------------------------------------------------------
 # eval/reasoning.py --mmad end to end, tiny random-weight model
 
@@ -434,15 +466,26 @@ def test_reasoning_recipe_mmad_bad_input_names_the_file(tiny_checkpoint, mmad_tr
         load_recipe("reasoning").main(argv)
 
 
-def test_resolution_is_restored_after_the_run(tiny_checkpoint, mmad_tree, tmp_path):
+def test_resolution_is_restored_after_the_run(tiny_checkpoint, mmad_tree, tmp_path, monkeypatch):
     from iadgpt.inspection import Inspector
     from iadgpt.model.checkpoint import pixel_limits
 
     inspector = Inspector.from_pretrained(tiny_checkpoint)
     before = pixel_limits(inspector.processor)
-    mmad.run_mmad(inspector.model, inspector.processor, mmad_tree / "mmad.json", tmp_path / "out", shots=0,
-                  max_new_tokens=1, limit=1)
+    loaded = []
+
+    def official_image(path, factor):
+        loaded.append((Path(path).relative_to(mmad_tree).as_posix(), factor))
+        return real_official_image(path, factor)
+
+    real_official_image = mmad.official_image
+    monkeypatch.setattr(mmad, "official_image", official_image)
+    mmad.run_mmad(inspector.model, inspector.processor, mmad_tree / "mmad.json", tmp_path / "out", shots=1,
+                  max_new_tokens=1, limit=1, batch_size=1)
     assert pixel_limits(inspector.processor) == before
+    # Every image goes through qwen_vl_utils' resize first, on the processor's 28-px grid.
+    reference, query = "DS-MVTec/bottle/train/good/r0.png", "DS-MVTec/bottle/image/broken/000.png"
+    assert loaded == [(reference, 28), (query, 28)] * 3
     with pytest.raises(DataError, match="no MMAD items"):
         (mmad_tree / "empty.json").write_text("{}")
         mmad.run_mmad(inspector.model, inspector.processor, mmad_tree / "empty.json", tmp_path / "out2")
