@@ -16,7 +16,7 @@ import argparse
 import json
 
 from iadgpt.data.tasks import ResizeRule
-from iadgpt.evaluation.mmad import MMAD_MAX_PIXELS, MMAD_MIN_PIXELS, QWEN_VL_UTILS_MAX_TOKENS, QWEN_VL_UTILS_MIN_TOKENS
+from iadgpt.evaluation.mmad import MMAD_MAX_PIXELS, MMAD_MIN_PIXELS, qwen_vl_utils_rule
 
 FACTOR = 28
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--examples", type=int, default=5, help="how many differing sizes to print")
     args = parser.parse_args(argv)
 
-    qwen_vl_utils = ResizeRule(FACTOR, QWEN_VL_UTILS_MIN_TOKENS * FACTOR ** 2, QWEN_VL_UTILS_MAX_TOKENS * FACTOR ** 2)
+    qwen_vl_utils = qwen_vl_utils_rule(FACTOR)
     processor = ResizeRule(FACTOR, MMAD_MIN_PIXELS, MMAD_MAX_PIXELS)
     sizes = differing = 0
     examples = []

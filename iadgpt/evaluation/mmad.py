@@ -119,6 +119,12 @@ def mmad_messages(question_text: str, shots: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+def qwen_vl_utils_rule(factor: int = 28) -> ResizeRule:
+    """The resize qwen_vl_utils' `fetch_image` does before the processor's: the multiples of `factor`
+    nearest the image's size, within 4 to 16384 tokens of factor x factor pixels."""
+    return ResizeRule(factor, QWEN_VL_UTILS_MIN_TOKENS * factor ** 2, QWEN_VL_UTILS_MAX_TOKENS * factor ** 2)
+
+
 def official_image(path: str | os.PathLike, factor: int = 28) -> Image.Image:
     """The image as the official script hands it to the processor.
 
@@ -129,8 +135,7 @@ def official_image(path: str | os.PathLike, factor: int = 28) -> Image.Image:
     1275x850 image: 43x29 tokens against the official 44x28), and every image's pixels differ.
     """
     image = load_image(path, background=(255, 255, 255))
-    rule = ResizeRule(factor, QWEN_VL_UTILS_MIN_TOKENS * factor ** 2, QWEN_VL_UTILS_MAX_TOKENS * factor ** 2)
-    size = rule.size(*image.size)
+    size = qwen_vl_utils_rule(factor).size(*image.size)
     return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
