@@ -501,12 +501,15 @@ def run_mmad(model, processor, data: str | os.PathLike, out: str | os.PathLike, 
     factor = ResizeRule.of_processor(processor).factor
     previous_limits = pixel_limits(processor)
     set_pixel_limits(processor, min_pixels, max_pixels)
+    item_images: dict[int, list] = {}  # the current item's images: its questions come one after another
     try:
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
             conversations = []
-            for _, _, item, _, references, _, asked in batch:
-                images = [official_image(path, factor) for path in [*references, item.image]]
+            for i, _, item, _, references, _, asked in batch:
+                if i not in item_images:  # decoded and resized once for all of the item's questions
+                    item_images = {i: [official_image(path, factor) for path in [*references, item.image]]}
+                images = item_images[i]
                 conversations.append((mmad_messages(asked.text, len(references)), images,
                                       [ROLE_EXEMPLAR] * len(references) + [ROLE_QUERY]))
             inputs = generation_inputs(processor, conversations, {"add_vision_id": True} if vision_ids else None)

@@ -483,9 +483,11 @@ def test_resolution_is_restored_after_the_run(tiny_checkpoint, mmad_tree, tmp_pa
     mmad.run_mmad(inspector.model, inspector.processor, mmad_tree / "mmad.json", tmp_path / "out", shots=1,
                   max_new_tokens=1, limit=1, batch_size=1)
     assert pixel_limits(inspector.processor) == before
-    # Every image goes through qwen_vl_utils' resize first, on the processor's 28-px grid.
+    # Every image goes through qwen_vl_utils' resize first, on the processor's 28-px grid, once for
+    # all three questions of the item (each asked in a batch of its own).
     reference, query = "DS-MVTec/bottle/train/good/r0.png", "DS-MVTec/bottle/image/broken/000.png"
-    assert loaded == [(reference, 28), (query, 28)] * 3
+    assert loaded == [(reference, 28), (query, 28)]
+    assert len((tmp_path / "out" / mmad.MMAD_PREDICTIONS_FILE).read_text().splitlines()) == 3
     with pytest.raises(DataError, match="no MMAD items"):
         (mmad_tree / "empty.json").write_text("{}")
         mmad.run_mmad(inspector.model, inspector.processor, mmad_tree / "empty.json", tmp_path / "out2")
